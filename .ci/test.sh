@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The test suite: repository checks, every notebook under nbdev_test, and pytest.
+# Ends with one line "total: N passed, M failed[, K skipped]"; exits non-zero on any failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+OUT=.ci/out; mkdir -p "$OUT"
+passed=0; failed=0; skipped=0
+ok()   { passed=$((passed + 1)); echo "PASS  $1"; }
+bad()  { failed=$((failed + 1)); echo "FAIL  $1"; }
+
+echo "== checks"
+# 1. nbdev_export must not change wat_nb/ (the notebooks are the source).
+snap=$(mktemp -d); cp -r wat_nb "$snap/"
+if "$BIN/nbdev_export" >"$OUT/export.log" 2>&1 && diff -r -x __pycache__ "$snap/wat_nb" wat_nb >"$OUT/export.diff"; then
+  ok "nbdev_export leaves wat_nb/ unchanged"
+else
+  bad "nbdev_export changes wat_nb/ (see $OUT/export.diff); export and commit"; head -20 "$OUT/export.diff"
+  rm -rf wat_nb; cp -r "$snap/wat_nb" wat_nb
+fi
+rm -rf "$snap"
+# 2. Notebooks are committed without outputs or execution counts, with a python3 kernelspec (papermill needs it).
+if "$BIN/python" - <<'PY'
+import json, subprocess, sys
+files = subprocess.run(["git", "ls-files", "nbs/*.ipynb", "nbs/**/*.ipynb"], capture_output=True, text=True).stdout.split()
+bad = []
+for f in files:
+    nb = json.load(open(f))
+    if nb.get("metadata", {}).get("kernelspec", {}).get("name") != "python3": bad.append(f"{f}: kernelspec is not python3")
+    for c in nb["cells"]:
+        if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None):
+            bad.append(f"{f}: has outputs or execution counts (run nbdev_clean)"); break
+print("\n".join(bad)); sys.exit(1 if bad else 0)
+PY
+then ok "notebooks are clean"; else bad "notebooks carry outputs"; fi
+# 3. No undefined names in the exported library (an exported function must not read notebook globals).
+if "$BIN/pyflakes" wat_nb >"$OUT/pyflakes.log" 2>&1 || ! grep -q "undefined name" "$OUT/pyflakes.log"; then
+  ok "no undefined names in wat_nb/"
+else
+  bad "undefined names in wat_nb/"; grep "undefined name" "$OUT/pyflakes.log"
+fi
+
+echo "== nbdev_test"
+mapfile -t nbs < <(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' -not -name '_*' | sort)
+timeout 1500 "$BIN/nbdev_test" --n_workers 2 --timing --do_print >"$OUT/nbdev_test.log" 2>&1
+nb_rc=$?
+cat "$OUT/nbdev_test.log" | grep -v "^Starting\|^- Completed" | tail -60
+nb_failed=$(awk '/nbdev Tests Failed On The Following Notebooks/{f=1; next} f && /\.ipynb/{n++} END{print n+0}' "$OUT/nbdev_test.log")
+if [ "$nb_rc" -ne 0 ] && [ "$nb_failed" -eq 0 ]; then nb_failed=${#nbs[@]}; fi   # crashed or timed out
+passed=$((passed + ${#nbs[@]} - nb_failed)); failed=$((failed + nb_failed))
+echo "notebooks: $(( ${#nbs[@]} - nb_failed )) passed, $nb_failed failed"
+
+echo "== pytest"
+"$BIN/python" -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+read -r p f s < <("$BIN/python" - <<'PY'
+import xml.etree.ElementTree as ET
+try:
+    r = ET.parse(".ci/out/pytest.xml").getroot()
+    s = r if r.tag == "testsuite" else r.find("testsuite")
+    t, f, e, k = (int(s.get(x, 0)) for x in ("tests", "failures", "errors", "skipped"))
+    print(t - f - e - k, f + e, k)
+except Exception:
+    print(0, 1, 0)
+PY
+)
+passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+
+echo "total: $passed passed, $failed failed, $skipped skipped"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,37 @@
+# wat_nb: the two commands are `make reproduce` and `make test`; both create .venv on first use.
+# TORCH is the torch build to install; override it for your CUDA, e.g. `make TORCH="torch torchvision" test`.
+PYTHON ?= python3
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: reproduce test figures export clean-nbs lab
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Regenerate the paper's tables and figures (mini profile) into figures/; executed notebooks go to runs/.
+reproduce: $(STAMP)
+	mkdir -p runs/paper
+	$(BIN)/papermill nbs/paper/theorem2.ipynb runs/paper/theorem2.ipynb -p dim 64 -p n_pairs 8
+
+# Library checks (export drift, clean notebooks, lint), every notebook under nbdev_test, then pytest.
+test: $(STAMP)
+	bash .ci/test.sh
+
+figures: reproduce
+
+# Developer helpers: export the library from the notebooks, strip outputs before committing, start JupyterLab.
+export: $(STAMP)
+	$(BIN)/nbdev_export
+
+clean-nbs: $(STAMP)
+	$(BIN)/nbdev_clean
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=nbs $(if $(filter 0,$(shell id -u)),--allow-root,)
