@@ -30,7 +30,8 @@ for f in files:
     for c in nb["cells"]:
         if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count") is not None):
             bad.append(f"{f}: has outputs or execution counts (run nbdev_clean)"); break
-print("\n".join(bad)); sys.exit(1 if bad else 0)
+if bad: print("\n".join(bad))
+sys.exit(1 if bad else 0)
 PY
 then ok "notebooks are clean"; else bad "notebooks carry outputs"; fi
 # 3. No undefined names in the exported library (an exported function must not read notebook globals).
