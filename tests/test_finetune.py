@@ -1,0 +1,269 @@
+"""End-to-end checks of wat_nb.finetune: exact resume after SIGKILL, the divergence guard, two processes through
+`accelerate launch`, label maps, label dropout and the timestep range."""
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wat_nb.finetune import (batch_indices, diffusion_loss, finetune, latest_checkpoint, list_checkpoints,
+                             load_finetuned, posterior_terms, ddpm_scheduler, read_log, step_draws)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _train_worker import ToyDataset, config, tiny_model  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models on a shared CPU
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).parent / '_train_worker.py'
+WEIGHTS = 'diffusion_pytorch_model.safetensors'
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
+
+
+def _worker(*args, timeout=300):
+    return subprocess.run([sys.executable, str(WORKER), *map(str, args)], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _weights(ckpt: Path, part: str) -> dict:
+    return load_file(str(ckpt / part / WEIGHTS))
+
+
+def _assert_same_weights(a: Path, b: Path):
+    for part in ('model', 'ema'):
+        wa, wb = _weights(a, part), _weights(b, part)
+        assert wa.keys() == wb.keys()
+        for k in wa: assert torch.equal(wa[k], wb[k]), f"{part}/{k} differs"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+class Recorder:
+    "Forward pre-hook that keeps the timesteps and class labels the model is called with."
+    def __init__(self, model):
+        self.t, self.y = [], []
+        model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.t.append(kwargs['timestep'].cpu()); self.y.append(kwargs['class_labels'].cpu())
+
+
+def _run(model, ds, out, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return finetune(model, ds, config(out, **kw))
+
+
+# ---------------------------------------------------------------- resume
+
+def test_sigkill_resume_equals_uninterrupted(tmp_path):
+    killed = tmp_path / 'killed'
+    r = _worker('--out', killed, '--steps', 6, '--ckpt-every', 2, '--kill-after', 4, '--learn-sigma')
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert latest_checkpoint(killed).name == 'step-0000004'
+    assert [p.name for p in list_checkpoints(killed)] == ['step-0000002', 'step-0000004']
+    stale = killed / 'checkpoints' / '.tmp-step-0000006-12345'  # as if killed in the middle of a save
+    stale.mkdir(); (stale / 'junk').write_text('half a checkpoint')
+    r = _worker('--out', killed, '--steps', 6, '--ckpt-every', 2, '--learn-sigma')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not stale.exists()
+
+    straight = tmp_path / 'straight'
+    res = _run(tiny_model(learn_sigma=True), ToyDataset(), straight, steps=6, ckpt_every=2)
+    assert res.step == 6 and latest_checkpoint(killed).name == res.checkpoint.name == 'step-0000006'
+    _assert_same_weights(latest_checkpoint(killed), res.checkpoint)
+    la, lb = read_log(killed), read_log(straight)
+    assert la['step'].tolist() == lb['step'].tolist() == [1, 2, 3, 4, 5, 6]
+    assert la['loss'].tolist() == lb['loss'].tolist()
+    assert (la['loss'] > la['mse']).all()  # learned variance: the L_vb term is in the loss
+    st = json.loads((res.checkpoint / 'state.json').read_text())
+    assert st['step'] == 6 and st['config']['lr'] == 1e-3 and st['versions']['torch'] == torch.__version__
+    assert st['ema']['optimization_step'] == 6
+
+
+def test_rerun_of_finished_run_is_a_no_op(tmp_path):
+    res = _run(tiny_model(), ToyDataset(), tmp_path, steps=2, ckpt_every=2)
+    before = (res.checkpoint / 'model' / WEIGHTS).stat().st_mtime_ns
+    again = _run(tiny_model(), ToyDataset(), tmp_path, steps=2, ckpt_every=2)
+    assert again.checkpoint == res.checkpoint and again.step == 2
+    assert (res.checkpoint / 'model' / WEIGHTS).stat().st_mtime_ns == before
+    assert read_log(tmp_path)['step'].tolist() == [1, 2]
+
+
+def test_resume_refuses_a_different_label_map(tmp_path):
+    _run(tiny_model(), ToyDataset(), tmp_path, steps=2)
+    with pytest.raises(ValueError, match=r"label_map='identity'.*\[3, 2, 1, 0\]"):
+        _run(tiny_model(), ToyDataset(), tmp_path, steps=4, label_map=[3, 2, 1, 0])
+
+
+# ---------------------------------------------------------------- divergence
+
+def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
+    _run(tiny_model(), ToyDataset(), tmp_path, steps=4, ckpt_every=2)
+    good = latest_checkpoint(tmp_path)
+    digest = {p.relative_to(good): hashlib.sha256(p.read_bytes()).hexdigest() for p in good.rglob('*') if p.is_file()}
+    with pytest.raises(FloatingPointError) as e:
+        _run(tiny_model(), ToyDataset(), tmp_path, steps=10, ckpt_every=2, lr=1e30)
+    msg = str(e.value)
+    m = re.search(r"at step (\d+) \(lr=1e\+30\)", msg)
+    assert m and int(m.group(1)) > 4, msg
+    assert str(good) in msg
+    assert latest_checkpoint(tmp_path) == good
+    assert [p.name for p in list_checkpoints(tmp_path)] == ['step-0000002', 'step-0000004']
+    assert not list((tmp_path / 'checkpoints').glob('.tmp-*'))
+    assert digest == {p.relative_to(good): hashlib.sha256(p.read_bytes()).hexdigest()
+                      for p in good.rglob('*') if p.is_file()}
+    for ema in (False, True):
+        assert all(torch.isfinite(p).all() for p in load_finetuned(tmp_path, ema=ema).parameters())
+    log = read_log(tmp_path)
+    assert not math.isfinite(log['loss'][-1]) and log['step'][-1] == int(m.group(1))
+
+
+# ---------------------------------------------------------------- two processes
+
+def test_two_processes_with_accelerate_launch(tmp_path):
+    out, info = tmp_path / 'run', tmp_path / 'info'
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           '--main_process_port', str(_free_port()), str(WORKER),
+           '--out', str(out), '--steps', '4', '--ckpt-every', '2', '--batch', '8', '--info-dir', str(info)]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    ranks = {json.loads(f.read_text())['rank']: json.loads(f.read_text()) for f in info.glob('rank*.json')}
+    assert sorted(ranks) == [0, 1] and all(v['world'] == 2 and v['step'] == 4 for v in ranks.values())
+    assert ranks[0]['pid'] != ranks[1]['pid']
+    ckpts = list_checkpoints(out)
+    assert [p.name for p in ckpts] == ['step-0000002', 'step-0000004']
+    for c in ckpts:  # written by rank 0 alone
+        st = json.loads((c / 'state.json').read_text())
+        assert (st['writer_rank'], st['pid'], st['world_size']) == (0, ranks[0]['pid'], 2)
+        assert len(json.loads((c / 'rng.json').read_text())) == 2  # RNG states of both processes
+    assert not list((out / 'checkpoints').glob('.tmp-*'))
+    assert sorted(os.listdir(out)) == ['checkpoints', 'config.json', 'latest', 'log.csv']
+    # the global batch does not depend on the number of processes: one process sees the same losses
+    one = _run(tiny_model(), ToyDataset(), tmp_path / 'one', steps=4, ckpt_every=2)
+    two_log, one_log = read_log(out), read_log(one.run_dir)
+    assert two_log['step'].tolist() == [1, 2, 3, 4]
+    assert abs(two_log['loss'][0] - one_log['loss'][0]) < 1e-6
+    assert abs(two_log['loss'] - one_log['loss']).max() < 1e-4
+
+
+def test_bf16_run(tmp_path):
+    r = _worker('--out', tmp_path, '--steps', 2, '--ckpt-every', 2, '--mixed-precision', 'bf16', '--learn-sigma')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert math.isfinite(read_log(tmp_path)['loss'][-1])
+    assert json.loads((latest_checkpoint(tmp_path) / 'state.json').read_text())['config']['mixed_precision'] == 'bf16'
+
+
+# ---------------------------------------------------------------- labels and timesteps
+
+def _expected_labels(ds, lut, steps, batch, seed=0):
+    targets = torch.tensor(ds.targets)
+    return [lut[targets[batch_indices(len(ds), batch, s, seed)]] for s in range(steps)]
+
+
+@pytest.mark.parametrize('label_map,num_classes,lut', [
+    ('identity', 6, [0, 1, 2, 3]),
+    ([5, 0, 3, 1], 6, [5, 0, 3, 1]),
+    ({0: 2, 1: 4, 2: 0, 3: 5}, 6, [2, 4, 0, 5]),
+])
+def test_label_maps_reach_the_model(tmp_path, label_map, num_classes, lut):
+    ds, model = ToyDataset(), tiny_model(num_classes)
+    rec = Recorder(model)
+    res = _run(model, ds, tmp_path, steps=4, label_map=label_map, label_dropout=0.0)
+    want = _expected_labels(ds, torch.tensor(lut), 4, 8)
+    assert all(torch.equal(a, b) for a, b in zip(rec.y, want))
+    st = json.loads((res.checkpoint / 'state.json').read_text())
+    assert st['label_lookup'] == lut and st['null_label'] == num_classes
+
+
+def test_reinit_label_map(tmp_path):
+    ds, model = ToyDataset(num_classes=6), tiny_model(4)  # 6 target classes, 4 source classes
+    old = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight.detach().clone()
+    rec = Recorder(model)
+    res = _run(model, ds, tmp_path, steps=6, label_map='reinit', label_dropout=0.5)
+    y = torch.cat(rec.y)
+    assert y.max() == 6 and set(y.tolist()) <= set(range(7))  # 6 is the new null label
+    back = load_finetuned(tmp_path)
+    table = back.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    assert back.config.num_embeds_ada_norm == 6 and table.num_embeddings == 7 and old.shape[0] == 5
+    assert json.loads((res.checkpoint / 'state.json').read_text())['null_label'] == 6
+    with pytest.raises(ValueError, match='at most 4 target classes'):
+        _run(tiny_model(4), ds, tmp_path / 'identity', steps=2)
+
+
+@pytest.mark.parametrize('label_map,match', [
+    ([0, 1, 2], '3 entries but the target has 4'),
+    ([0, 1, 2, 9], 'outside the model'),
+    ([0, 1, 2, 6], '6 is the null label'),
+    ([0, 1, 1, 2], 'target classes 1 and 2 to the same class 1'),
+    ('random', 'unknown label map'),
+    ({0: 1, 1: 2, 3: 0, 4: 3}, 'missing'),
+])
+def test_bad_label_maps(tmp_path, label_map, match):
+    with pytest.raises(ValueError, match=match):
+        _run(tiny_model(6), ToyDataset(), tmp_path, steps=2, label_map=label_map)
+    assert not (tmp_path / 'latest').exists()
+
+
+def test_label_dropout_to_the_models_null_label(tmp_path):
+    ds, model = ToyDataset(), tiny_model(7)  # null label 7, not the target's class count 4
+    rec = Recorder(model)
+    _run(model, ds, tmp_path, steps=40, batch_size=16, ckpt_every=40, log_every=20, label_dropout=0.1)
+    y = torch.cat(rec.y)
+    drop = torch.cat([step_draws(0, s, 16, (3, 8, 8), (0, 1000), 0.1)[1] for s in range(40)])
+    assert torch.equal(y == 7, drop)  # exactly the step's mask, once per sample
+    assert abs(drop.float().mean().item() - 0.1) < 0.04
+    want = torch.cat(_expected_labels(ds, torch.arange(4), 40, 16))
+    assert torch.equal(y[~drop], want[~drop]) and set(y.tolist()) <= {0, 1, 2, 3, 7}
+
+
+@pytest.mark.parametrize('t_range', [(0, 600), (990, 1000)])
+def test_timestep_range(tmp_path, t_range):
+    model = tiny_model()
+    rec = Recorder(model)
+    _run(model, ToyDataset(), tmp_path, steps=30, batch_size=16, ckpt_every=30, log_every=30, t_range=t_range)
+    t = torch.cat(rec.t)
+    assert t.min() >= t_range[0] and t.max() < t_range[1]
+    assert t.max() >= t_range[1] - 10 and t.min() <= t_range[0] + 10  # the whole range is used
+
+
+def test_vb_trains_only_the_variance():
+    sch = ddpm_scheduler(); terms = posterior_terms(sch)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 1, 500, 999])
+    xt = sch.add_noise(x0, noise, t)
+    out = torch.randn(4, 6, 4, 4, generator=g).requires_grad_()
+    loss, mse = diffusion_loss(out, x0, xt, noise, t, terms)
+    loss.backward()
+    want_eps_grad = 2 * (out[:, :3] - noise) / noise.numel()  # d mse / d eps alone
+    assert torch.allclose(out.grad[:, :3], want_eps_grad, atol=1e-7)
+    assert out.grad[1:, 3:].abs().min() > 0 and out.grad[0, 3:].abs().max() > 0 and loss > mse  # t > 0: KL; t = 0: NLL
+    fixed, fixed_mse = diffusion_loss(out[:, :3], x0, xt, noise, t, terms)
+    assert torch.equal(fixed, fixed_mse)
+
+
+def test_internal_label_dropout_is_switched_off(tmp_path):
+    model = tiny_model()
+    emb = model.transformer_blocks[0].norm1.emb.class_embedder
+    emb.dropout_prob = 0.1  # as a plain diffusers DiT comes: it would drop labels a second time
+    with pytest.warns(UserWarning, match='internal label dropout 0.1'):
+        finetune(model, ToyDataset(), config(tmp_path, steps=2))
+    assert emb.dropout_prob == 0.0
