@@ -216,6 +216,7 @@ def cache_latents(dataset, codec: Codec, split: str | None = None, root=None, tr
 # %% ../nbs/02_codecs.ipynb #214dcb03
 class LatentCache(Dataset):
     "A finished latent cache as a Dataset of (latent (C, h, w), label), with per-access random flip and draw."
+    keyed_draws = True  # accepts (index, key) and then draws from a generator seeded by (seed, index, key)
     def __init__(self, folder, flip: str = 'random', sample: bool = True, seed: int = 0):
         if flip not in ('random', 'both', 'none'): raise ValueError(f"flip must be 'random', 'both' or 'none', got {flip!r}")
         self.folder = Path(folder)
@@ -244,14 +245,17 @@ class LatentCache(Dataset):
 
     def __getitem__(self, i):
         n = len(self.labels)
+        i, key = i if isinstance(i, tuple) else (i, None)
         if not -len(self) <= i < len(self): raise IndexError(f"index {i} out of range for {len(self)} latents")
         i %= len(self)  # negative indices count from the end
+        g = self._rng() if key is None else torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + int(key) * 7_919 + i) % 2 ** 63)
         if self.flip == 'both': j, i = divmod(i, n)
         elif self.flip == 'none': j = 0
-        else: j = int(torch.randint(2, (1,), generator=self._rng()))
+        else: j = int(torch.randint(2, (1,), generator=g))
         z = self.mean[i, j].float()
         if self.sample and self.std is not None:
-            z = z + self.std[i, j].float() * torch.randn(z.shape, generator=self._rng())
+            z = z + self.std[i, j].float() * torch.randn(z.shape, generator=g)
         return z, int(self.labels[i])
 
     def means(self, flipped: bool = False) -> torch.Tensor:

@@ -254,15 +254,18 @@ def step_draws(seed: int, step: int, batch_size: int, shape, t_range=(0, 1000), 
     return t, drop, torch.randn((batch_size, *shape), generator=g)
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    "This process's share of each global batch for steps [start, stop), as lists of dataset indices."
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
+    "This process's share of each global batch for steps [start, stop), as lists of indices ((index, step) if `keyed`)."
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1,
+                 keyed: bool = False):
         if batch_size % world: raise ValueError(f"batch_size {batch_size} is not divisible by {world} processes")
-        self.n, self.batch_size, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.n, self.batch_size, self.seed, self.start, self.stop, self.keyed = n, batch_size, seed, start, stop, keyed
         self.local = batch_size // world
         self.part = slice(rank * self.local, (rank + 1) * self.local)
     def __len__(self): return max(0, self.stop - self.start)
     def __iter__(self):
-        for s in range(self.start, self.stop): yield batch_indices(self.n, self.batch_size, s, self.seed)[self.part].tolist()
+        for s in range(self.start, self.stop):
+            idx = batch_indices(self.n, self.batch_size, s, self.seed)[self.part].tolist()
+            yield [(i, s) for i in idx] if self.keyed else idx
 
 # %% ../nbs/06_finetune.ipynb #06113882
 CKPT_DIR = 'checkpoints'
@@ -491,7 +494,8 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
         return FinetuneResult(run, last, start, net)
 
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, rank, world),
+        dataset, batch_sampler=StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, rank, world,
+                                       keyed=getattr(dataset, 'keyed_draws', False)),  # latent draws keyed by step
         num_workers=cfg.num_workers, pin_memory=dev.type == 'cuda', generator=torch.Generator().manual_seed(cfg.seed))
     part = slice(rank * (cfg.batch_size // world), (rank + 1) * (cfg.batch_size // world))
     expect = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
