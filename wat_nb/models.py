@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 from .codecs import resolve_pretrained
 
 # %% auto #0
-__all__ = ['PRESETS', 'ORIGINAL_FREQ_SHIFT', 'WEIGHTS_NAME', 'preset_config', 'is_tied', 'tie_embedders', 'init_dit_',
-           'dit_kwargs', 'build_dit', 'split_output', 'save_dit', 'load_dit', 'convert_original_dit']
+__all__ = ['PRESETS', 'ORIGINAL_FREQ_SHIFT', 'WEIGHTS_NAME', 'PAPER_SOURCE', 'preset_config', 'is_tied', 'tie_embedders',
+           'init_dit_', 'dit_kwargs', 'build_dit', 'split_output', 'save_dit', 'load_dit', 'convert_original_dit',
+           'pretrained_candidates', 'pretrained']
 
 # %% ../nbs/03_models.ipynb #82e5702c
 _DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}  # depth, width, heads
@@ -229,3 +230,25 @@ def convert_original_dit(state_dict_or_path, num_heads: int | None = None, freq_
     if missing: raise ValueError(f"the DiT checkpoint lacks tensors for {missing[:8]}")
     model.load_state_dict(full, strict=True)
     return model.eval()
+
+# %% ../nbs/03_models.ipynb #dca53b96
+PAPER_SOURCE = 'facebook/DiT-XL-2-256'
+
+def pretrained_candidates(name: str = 'mini') -> list[Path]:
+    "Folders searched, in order, for the mini profile's pretrained model."
+    import wat_nb
+    from wat_nb.reports import repo_root
+    env = os.environ.get('WAT_NB_PRETRAINED')
+    return ([Path(env) / name] if env else []) + [Path(wat_nb.__file__).resolve().parent / 'weights' / name,
+                                                  repo_root() / 'runs' / 'pretrained' / name / 'model']
+
+def pretrained(name: str = 'mini', device=None, dtype=None, download: bool = False):
+    "The pretrained source DiT of a profile: 'mini' (trained by nbs/pretrain.ipynb) or 'paper' / a hub id / a path."
+    if name == 'paper': name = PAPER_SOURCE
+    if name != 'mini': return load_dit(name, download=download, device=device, dtype=dtype)
+    for d in pretrained_candidates(name):
+        if (d / 'config.json').is_file(): return load_dit(d, device=device, dtype=dtype)
+    where = '\n  '.join(str(d) for d in pretrained_candidates(name))
+    raise FileNotFoundError(f"no pretrained mini model found; looked in\n  {where}\nTrain it with "
+                            f"`papermill nbs/pretrain.ipynb runs/pretrain.ipynb` (or set WAT_NB_PRETRAINED to a folder "
+                            f"holding mini/ in diffusers format).")
