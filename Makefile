@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 reproduce: $(STAMP)
 	mkdir -p runs/paper
 	$(BIN)/papermill nbs/paper/theorem2.ipynb runs/paper/theorem2.ipynb -p dim 64 -p n_pairs 8
+	$(BIN)/papermill nbs/paper/fig1_trajectories.ipynb runs/paper/fig1_trajectories.ipynb
 
 # Library checks (export drift, clean notebooks, lint), every notebook under nbdev_test, then pytest.
 test: $(STAMP)
