@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, gather_object
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
@@ -445,6 +446,10 @@ def _prepare_run_dir(run: Path, cfg: FinetuneConfig, step: int):
 def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | None = None,
              on_checkpoint=None) -> FinetuneResult:
     "Fine-tune a DiT on (x, label) pairs per `cfg`: eps-MSE (+ L_vb), label map + dropout, EMA; resumes from `cfg.output`."
+    if accelerator is None:
+        # accelerate keeps one AcceleratorState per process; a second run in the same kernel (another precision,
+        # say) must start from a fresh one. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
     acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not _has_accelerator())
     world, rank, main, dev = acc.num_processes, acc.process_index, acc.is_main_process, acc.device
     if int(os.environ.get('WORLD_SIZE', '1')) != world:
