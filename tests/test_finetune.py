@@ -284,3 +284,17 @@ def test_resume_on_a_latent_cache_equals_uninterrupted(tmp_path):
     flipped = _run(tiny_model(), LatentCache(folder, flip='none'), tmp_path / 'noflip', steps=6, ckpt_every=2)
     wa, wb = _weights(flipped.checkpoint, 'model'), _weights(straight.checkpoint, 'model')
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)   # the flips really reach the model
+
+
+def test_warmup_and_min_snr_resume_exactly(tmp_path):
+    kw = dict(ckpt_every=2, log_every=1, warmup_steps=4, min_snr_gamma=5.0, grad_clip=1.0)
+    _run(tiny_model(), ToyDataset(), tmp_path / 'resumed', steps=3, **kw)
+    resumed = _run(tiny_model(), ToyDataset(), tmp_path / 'resumed', steps=6, **kw)
+    straight = _run(tiny_model(), ToyDataset(), tmp_path / 'straight', steps=6, **kw)
+    _assert_same_weights(resumed.checkpoint, straight.checkpoint)
+    lr = read_log(tmp_path / 'straight')['lr'].tolist()
+    assert lr == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])   # linear warmup to lr=1e-3 over 4 steps
+    plain = _run(tiny_model(), ToyDataset(), tmp_path / 'plain', steps=6, ckpt_every=2, log_every=1)
+    la, lb = read_log(tmp_path / 'straight'), read_log(tmp_path / 'plain')
+    assert la['mse'][0] == pytest.approx(lb['mse'][0])      # same data and model at step 1 ...
+    assert (la['loss'] < la['mse']).any()                   # ... but low-noise samples are down-weighted

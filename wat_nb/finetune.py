@@ -33,10 +33,11 @@ from .models import load_dit, save_dit, split_output
 
 # %% auto #0
 __all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'LOG_FIELDS', 'FinetuneConfig', 'finetune_config', 'make_ema', 'ddpm_scheduler',
-           'posterior_terms', 'normal_kl', 'discretized_gaussian_loglik', 'vb_bits', 'diffusion_loss', 'null_label',
-           'resize_label_table', 'label_lookup', 'apply_label_map', 'batch_indices', 'step_draws', 'StepBatchSampler',
-           'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'load_finetuned',
-           'FinetuneResult', 'num_target_classes', 'finetune', 'read_log', 'plot_loss']
+           'posterior_terms', 'normal_kl', 'discretized_gaussian_loglik', 'vb_bits', 'min_snr_weights',
+           'diffusion_loss', 'null_label', 'resize_label_table', 'label_lookup', 'apply_label_map', 'batch_indices',
+           'step_draws', 'StepBatchSampler', 'list_checkpoints', 'latest_checkpoint', 'save_checkpoint',
+           'load_checkpoint', 'load_finetuned', 'FinetuneResult', 'num_target_classes', 'finetune', 'read_log',
+           'plot_loss']
 
 # %% ../nbs/06_finetune.ipynb #6064f0ff
 _MIXED = ('no', 'bf16', 'fp16')
@@ -52,6 +53,8 @@ class FinetuneConfig:
     betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     grad_clip: float | None = None             # max global grad norm; None: no clipping (DiT does not clip)
+    warmup_steps: int = 0                      # linear lr warmup over the first steps (0: none, as in DiT)
+    min_snr_gamma: float | None = None         # min-SNR-gamma weighting of the eps MSE (None: plain MSE, as in DiT)
     label_dropout: float = 0.1                 # P(label -> null label) per sample, for classifier-free guidance
     label_map: str | list = 'identity'         # 'identity', 'reinit', or [source class of target class j]
     num_classes: int | None = None             # target classes; None: len(dataset.classes) or max(targets) + 1
@@ -88,6 +91,9 @@ class FinetuneConfig:
             bad.append(f"mixed_precision must be one of {_MIXED}, got {self.mixed_precision!r}")
         if not isinstance(self.seed, int) or self.seed < 0: bad.append(f"seed must be an int >= 0, got {self.seed!r}")
         if self.grad_clip is not None and not self.grad_clip > 0: bad.append("grad_clip must be > 0 or None")
+        if self.warmup_steps < 0: bad.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            bad.append(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
         if bad: raise ValueError('; '.join(bad))
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
@@ -163,13 +169,21 @@ def vb_bits(eps, v, x0, xt, t, terms: dict):
     per = torch.where((t == 0).view(-1, *[1] * (x0.ndim - 1)), nll, kl)
     return per.flatten(1).mean(1) / math.log(2)
 
-def diffusion_loss(out, x0, xt, noise, t, terms: dict) -> tuple:
-    "(loss, mse): mean (eps - noise)^2, plus mean L_vb when `out` also carries the variance half (B, 2C, H, W)."
-    eps, v = split_output(x0.shape[1], out.float())
-    mse = (eps - noise).pow(2).mean()
-    return (mse if v is None else mse + vb_bits(eps, v, x0, xt, t, terms).mean()), mse
+def min_snr_weights(t, alphas_cumprod, gamma: float) -> torch.Tensor:
+    "Per-sample min-SNR-gamma weights for eps-prediction: min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t). (B,)"
+    a = alphas_cumprod.to(t.device)[t].float()
+    snr = a / (1 - a)
+    return snr.clamp(max=gamma) / snr
 
-# %% ../nbs/06_finetune.ipynb #1df1d760
+def diffusion_loss(out, x0, xt, noise, t, terms: dict, weights=None) -> tuple:
+    "(loss, mse): (weighted) mean (eps - noise)^2, plus mean L_vb when `out` also carries the variance half (B, 2C, H, W)."
+    eps, v = split_output(x0.shape[1], out.float())
+    per = (eps - noise).pow(2).flatten(1).mean(1)                        # (B,)
+    mse = per.mean()
+    simple = mse if weights is None else (weights * per).mean()
+    return (simple if v is None else simple + vb_bits(eps, v, x0, xt, t, terms).mean()), mse
+
+# %% ../nbs/06_finetune.ipynb #90054689
 def _label_embedders(model) -> list:
     "The distinct LabelEmbedding modules of a DiT's blocks (one when the embedders are tied)."
     return list({id(b.norm1.emb.class_embedder): b.norm1.emb.class_embedder for b in model.transformer_blocks}.values())
@@ -228,7 +242,7 @@ def apply_label_map(model, label_map, num_target: int, seed: int = 0) -> torch.T
     if isinstance(label_map, str) and label_map == 'reinit': resize_label_table(model, num_target, seed)
     return label_lookup(label_map, num_target, model.config.num_embeds_ada_norm)
 
-# %% ../nbs/06_finetune.ipynb #908dea7f
+# %% ../nbs/06_finetune.ipynb #957ae286
 def _generator(seed: int, *key: int) -> torch.Generator:
     "A CPU torch.Generator seeded from (seed, *key) through numpy's SeedSequence hashing."
     s = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint32)
@@ -268,7 +282,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
             idx = batch_indices(self.n, self.batch_size, s, self.seed)[self.part].tolist()
             yield [(i, s) for i in idx] if self.keyed else idx
 
-# %% ../nbs/06_finetune.ipynb #06113882
+# %% ../nbs/06_finetune.ipynb #597271b7
 CKPT_DIR = 'checkpoints'
 
 def _versions() -> dict:
@@ -370,7 +384,7 @@ def load_finetuned(path, ema: bool = True, **load_kw):
         p = ckpt
     return load_dit(p / ('ema' if ema else 'model'), **load_kw)
 
-# %% ../nbs/06_finetune.ipynb #597271b7
+# %% ../nbs/06_finetune.ipynb #2fa95da1
 def _rng_state() -> dict:
     "This process's global RNG states as JSON-able data."
     py = random.getstate()
@@ -388,7 +402,7 @@ def _set_rng_state(s: dict):
     if 'cuda' in s and torch.cuda.is_available() and len(s['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s['cuda']])
 
-# %% ../nbs/06_finetune.ipynb #8eb1b20a
+# %% ../nbs/06_finetune.ipynb #fe0ba90a
 _FIXED_ON_RESUME = ('label_map', 'num_classes', 'seed', 'batch_size', 'num_train_timesteps')
 LOG_FIELDS = ('step', 'loss', 'mse', 'lr', 'images_per_s', 'time')
 
@@ -442,7 +456,7 @@ def _prepare_run_dir(run: Path, cfg: FinetuneConfig, step: int):
     _write_text_atomic(run / 'config.json', json.dumps(cfg.to_dict(), indent=1))
     _truncate_log(run / 'log.csv', step)
 
-# %% ../nbs/06_finetune.ipynb #a6c66a5a
+# %% ../nbs/06_finetune.ipynb #c6628340
 def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | None = None,
              on_checkpoint=None) -> FinetuneResult:
     "Fine-tune a DiT on (x, label) pairs per `cfg`: eps-MSE (+ L_vb), label map + dropout, EMA; resumes from `cfg.output`."
@@ -542,9 +556,12 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
         y = torch.where(drop, null, lut[torch.as_tensor(y, device=dev)])  # label map, then CFG dropout to null
         xt = sched.add_noise(x, noise, t)
         out = model(xt, timestep=t, class_labels=y).sample
-        loss, mse = diffusion_loss(out, x, xt, noise, t, terms)
+        wts = None if cfg.min_snr_gamma is None else min_snr_weights(t, sched.alphas_cumprod, cfg.min_snr_gamma)
+        loss, mse = diffusion_loss(out, x, xt, noise, t, terms, wts)
         acc.backward(loss)
         if cfg.grad_clip is not None: acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if cfg.warmup_steps:  # a function of the step alone, so a resumed run sets the same lr
+            for g in opt.param_groups: g['lr'] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None: ema.step(params)
@@ -570,7 +587,7 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
     model.eval()
     return FinetuneResult(run, last, cfg.steps, net)
 
-# %% ../nbs/06_finetune.ipynb #c6628340
+# %% ../nbs/06_finetune.ipynb #96919907
 def read_log(run_dir) -> dict:
     "The run's log.csv as {column: numpy array}."
     with open(Path(run_dir) / 'log.csv', newline='') as f: rows = list(csv.DictReader(f))
