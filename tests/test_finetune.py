@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from wat_nb.finetune import (batch_indices, diffusion_loss, finetune, latest_checkpoint, list_checkpoints,
-                             load_finetuned, posterior_terms, ddpm_scheduler, read_log, step_draws)
+                             load_finetuned, posterior_terms, read_log, step_draws)
+from wat_nb.gaussian import ddpm_scheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_worker import ToyDataset, config, tiny_model  # noqa: E402

@@ -25,19 +25,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, gather_object
-from diffusers import DDPMScheduler
+from .gaussian import ddpm_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .models import load_dit, save_dit, split_output
 
 # %% auto #0
-__all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'LOG_FIELDS', 'FinetuneConfig', 'finetune_config', 'make_ema', 'ddpm_scheduler',
-           'posterior_terms', 'normal_kl', 'discretized_gaussian_loglik', 'vb_bits', 'min_snr_weights',
-           'diffusion_loss', 'null_label', 'resize_label_table', 'label_lookup', 'apply_label_map', 'batch_indices',
-           'step_draws', 'StepBatchSampler', 'list_checkpoints', 'latest_checkpoint', 'save_checkpoint',
-           'load_checkpoint', 'load_finetuned', 'FinetuneResult', 'num_target_classes', 'finetune', 'read_log',
-           'plot_loss']
+__all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'LOG_FIELDS', 'FinetuneConfig', 'finetune_config', 'make_ema', 'posterior_terms',
+           'normal_kl', 'discretized_gaussian_loglik', 'vb_bits', 'min_snr_weights', 'diffusion_loss', 'null_label',
+           'resize_label_table', 'label_lookup', 'apply_label_map', 'batch_indices', 'step_draws', 'StepBatchSampler',
+           'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'load_finetuned',
+           'FinetuneResult', 'num_target_classes', 'finetune', 'read_log', 'plot_loss']
 
 # %% ../nbs/06_finetune.ipynb #6064f0ff
 _MIXED = ('no', 'bf16', 'fp16')
@@ -130,11 +129,6 @@ def make_ema(params, cfg: FinetuneConfig) -> EMAModel:
                     use_ema_warmup=cfg.ema_warmup, inv_gamma=1.0, power=cfg.ema_power, foreach=True)
 
 # %% ../nbs/06_finetune.ipynb #27daa6d4
-def ddpm_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
-    "diffusers' DDPMScheduler with DDPM's linear betas 1e-4 .. 0.02 (DiT's training schedule)."
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=1e-4, beta_end=0.02,
-                         beta_schedule='linear')
-
 def posterior_terms(scheduler) -> dict:
     "float64 tables over t of q(x_{t-1} | x_t, x_0) and the eps -> x_0 inversion, from the scheduler's betas."
     beta, abar = scheduler.betas.double(), scheduler.alphas_cumprod.double()
@@ -484,7 +478,7 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
         if e.dropout_prob:  # diffusers' own token_drop would drop labels a second time
             warnings.warn(f"setting the model's internal label dropout {e.dropout_prob} to 0: the loop drops labels")
             e.dropout_prob = 0.0
-    sched = ddpm_scheduler(cfg.num_train_timesteps)
+    sched = ddpm_scheduler(num_train_timesteps=cfg.num_train_timesteps)
     terms = {n: v.to(dev) for n, v in posterior_terms(sched).items()}
     sched.alphas_cumprod = sched.alphas_cumprod.to(dev)
 

@@ -13,8 +13,8 @@ import torch
 from diffusers import DDPMScheduler
 
 # %% auto #0
-__all__ = ['check_gaussian', 'bures_w2_sq', 'random_spd', 'gaussian_fit', 'ddpm_alpha_bar', 'continuous_alpha_bar', 'vp_marginal',
-           'gaussian_w2_path', 'theorem2_report', 'theorem2_check']
+__all__ = ['DIT_SCHEDULE', 'check_gaussian', 'bures_w2_sq', 'random_spd', 'gaussian_fit', 'ddpm_scheduler', 'ddpm_alpha_bar',
+           'continuous_alpha_bar', 'vp_marginal', 'gaussian_w2_path', 'theorem2_report', 'theorem2_check']
 
 # %% ../nbs/00_gaussian.ipynb #b469ccbd
 def _np(x):
@@ -95,11 +95,18 @@ def gaussian_fit(x, shrinkage: float = 0.0):
     return m, S
 
 # %% ../nbs/00_gaussian.ipynb #9cf193a8
+# DiT's training schedule, the one place it is written down; training and sampling build their schedulers from it.
+DIT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+
+def ddpm_scheduler(**overrides) -> DDPMScheduler:
+    "diffusers' DDPMScheduler on DiT's schedule (linear betas 1e-4 .. 0.02 over 1000 steps); `overrides` change it."
+    return DDPMScheduler(**(DIT_SCHEDULE | overrides))
+
 def ddpm_alpha_bar(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
                    beta_schedule: str = "linear") -> np.ndarray:
     "abar_t = prod_{s<=t} (1 - beta_s) for t = 0..T-1, from diffusers' DDPMScheduler, in float64. (T,)"
-    sched = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
-                          beta_end=beta_end, beta_schedule=beta_schedule)
+    sched = ddpm_scheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
+                           beta_end=beta_end, beta_schedule=beta_schedule)
     return np.cumprod(1.0 - sched.betas.double().numpy())
 
 def continuous_alpha_bar(t, schedule: str = "linear", beta_min: float = 0.1, beta_max: float = 20.0, s: float = 0.008):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .codecs import PixelCodec, to_uint8
 from .data import image_grid
-from .gaussian import ddpm_alpha_bar, gaussian_fit
+from .gaussian import DIT_SCHEDULE, ddpm_alpha_bar, gaussian_fit
 from .models import split_output
 from .reports import atomic_write, atomic_write_text, provenance
 
@@ -121,8 +121,7 @@ def make_scheduler(sampler: str = 'ddpm', steps: int = 50, variance_type: str = 
     if sampler not in SAMPLERS: raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLERS)}")
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"unknown variance_type {variance_type!r}; known: {', '.join(VARIANCE_TYPES)}")
-    base = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule='linear',
-                prediction_type='epsilon', clip_sample=clip_sample) | kw
+    base = DIT_SCHEDULE | dict(prediction_type='epsilon', clip_sample=clip_sample) | kw
     if not 1 <= steps <= base['num_train_timesteps']:
         raise ValueError(f"steps must be in 1..{base['num_train_timesteps']}, got {steps}")
     if sampler == 'ddpm':
