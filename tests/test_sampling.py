@@ -10,7 +10,7 @@ from wat_nb.codecs import Codec, PixelCodec
 from wat_nb.gaussian import ddpm_alpha_bar
 from wat_nb.models import build_dit
 from wat_nb.sampling import (GUIDANCE_MODES, SAMPLERS, fit_prior_ot, generate, guided_eps, image_generators,
-                             load_samples, make_scheduler, null_label_of, sample)
+                             load_samples, make_scheduler, null_label, sample)
 
 torch.set_num_threads(1)
 
@@ -64,7 +64,7 @@ def test_guidance_formulas(mode, w):
 
 def test_null_label_is_each_models_own():
     ft, pre = build_dit('tiny', 3, init='diffusers', seed=0), build_dit('tiny', 7, init='diffusers', seed=1)
-    assert (null_label_of(ft), null_label_of(pre)) == (3, 7)
+    assert (null_label(ft), null_label(pre)) == (3, 7)
     seen = {}
     for name, m in (('ft', ft), ('pre', pre)):
         m.register_forward_pre_hook(lambda mod, a, kw, name=name: seen.setdefault(name, []).append(kw['class_labels'].tolist()),

@@ -29,11 +29,11 @@ from .gaussian import ddpm_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .models import load_dit, save_dit, split_output
+from .models import _label_embedders, load_dit, null_label, save_dit, split_output
 
 # %% auto #0
 __all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'LOG_FIELDS', 'FinetuneConfig', 'finetune_config', 'make_ema', 'posterior_terms',
-           'normal_kl', 'discretized_gaussian_loglik', 'vb_bits', 'min_snr_weights', 'diffusion_loss', 'null_label',
+           'normal_kl', 'discretized_gaussian_loglik', 'vb_bits', 'min_snr_weights', 'diffusion_loss',
            'resize_label_table', 'label_lookup', 'apply_label_map', 'batch_indices', 'step_draws', 'StepBatchSampler',
            'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'load_finetuned',
            'FinetuneResult', 'num_target_classes', 'finetune', 'read_log', 'plot_loss']
@@ -178,19 +178,6 @@ def diffusion_loss(out, x0, xt, noise, t, terms: dict, weights=None) -> tuple:
     return (simple if v is None else simple + vb_bits(eps, v, x0, xt, t, terms).mean()), mse
 
 # %% ../nbs/06_finetune.ipynb #90054689
-def _label_embedders(model) -> list:
-    "The distinct LabelEmbedding modules of a DiT's blocks (one when the embedders are tied)."
-    return list({id(b.norm1.emb.class_embedder): b.norm1.emb.class_embedder for b in model.transformer_blocks}.values())
-
-def null_label(model) -> int:
-    "The model's null (unconditional) label: `num_classes`, the last row of its label table."
-    tables = {e.embedding_table.num_embeddings for e in _label_embedders(model)}
-    n = model.config.num_embeds_ada_norm
-    if tables != {n + 1}:
-        raise ValueError(f"the label table has {sorted(tables)} rows but the config says {n} classes; a DiT for "
-                         f"classifier-free guidance has num_classes + 1 rows (the last is the null label)")
-    return n
-
 def resize_label_table(model, num_classes: int, seed: int = 0):
     "Give `model` a fresh N(0, 0.02^2) label table of `num_classes` + 1 rows (null label last), in place."
     emb = _label_embedders(model)

@@ -18,8 +18,8 @@ from .codecs import resolve_pretrained
 
 # %% auto #0
 __all__ = ['PRESETS', 'ORIGINAL_FREQ_SHIFT', 'WEIGHTS_NAME', 'PAPER_SOURCE', 'preset_config', 'is_tied', 'tie_embedders',
-           'init_dit_', 'dit_kwargs', 'build_dit', 'split_output', 'save_dit', 'load_dit', 'convert_original_dit',
-           'pretrained_candidates', 'pretrained']
+           'init_dit_', 'dit_kwargs', 'build_dit', 'null_label', 'split_output', 'save_dit', 'load_dit',
+           'convert_original_dit', 'pretrained_candidates', 'pretrained']
 
 # %% ../nbs/03_models.ipynb #82e5702c
 _DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}  # depth, width, heads
@@ -122,7 +122,27 @@ def build_dit(preset: str, num_classes: int, init: str = 'dit', seed: int | None
         if init == 'dit': init_dit_(model)
     return model
 
-# %% ../nbs/03_models.ipynb #ff7289a9
+# %% ../nbs/03_models.ipynb #6e26cc19
+def _label_embedders(model) -> list:
+    "The distinct LabelEmbedding modules of a DiT's blocks (one when the embedders are tied)."
+    return list({id(b.norm1.emb.class_embedder): b.norm1.emb.class_embedder for b in model.transformer_blocks}.values())
+
+def null_label(model) -> int:
+    "The model's null (unconditional) label: its class count K (DiT: `config.num_embeds_ada_norm`), the table's last row."
+    cfg = getattr(model, 'config', None)
+    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    n = get('num_embeds_ada_norm') if get('num_embeds_ada_norm') is not None else get('num_classes')
+    if n is None:
+        raise ValueError(f"cannot tell the null label of {type(model).__name__}: its config has neither "
+                         f"num_embeds_ada_norm (diffusers DiT) nor num_classes")
+    if hasattr(model, 'transformer_blocks'):
+        tables = {e.embedding_table.num_embeddings for e in _label_embedders(model)}
+        if tables != {n + 1}:
+            raise ValueError(f"the label table has {sorted(tables)} rows but the config says {n} classes; a DiT for "
+                             f"classifier-free guidance has num_classes + 1 rows (the last is the null label)")
+    return int(n)
+
+# %% ../nbs/03_models.ipynb #2f2a06f7
 def split_output(model, out) -> tuple:
     "Split a DiT output (B, C or 2C, H, W) into (eps (B, C, H, W), variance part or None); `model` may be C."
     out = getattr(out, 'sample', out)
@@ -131,7 +151,7 @@ def split_output(model, out) -> tuple:
     if out.shape[1] == 2 * c: return out[:, :c], out[:, c:]
     raise ValueError(f"output has {out.shape[1]} channels; expected {c} or {2 * c} for {c} input channels")
 
-# %% ../nbs/03_models.ipynb #2f2a06f7
+# %% ../nbs/03_models.ipynb #72c8c3af
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
 
 def save_dit(model, folder) -> Path:
@@ -148,7 +168,7 @@ def save_dit(model, folder) -> Path:
     model.save_config(folder)
     return folder
 
-# %% ../nbs/03_models.ipynb #1e914c2f
+# %% ../nbs/03_models.ipynb #4b67ef0e
 _HUB_SUBFOLDERS = {'facebook/DiT-XL-2-256': 'transformer', 'facebook/DiT-XL-2-512': 'transformer'}
 
 def load_dit(source, subfolder: str | None = None, download: bool = False, device=None, dtype=None,
@@ -163,7 +183,7 @@ def load_dit(source, subfolder: str | None = None, download: bool = False, devic
     model = DiTTransformer2DModel.from_pretrained(where, subfolder=subfolder, torch_dtype=dtype, **kw)
     return tie_embedders(model, mismatch=mismatch, freq_shift=freq_shift).to(device).eval()
 
-# %% ../nbs/03_models.ipynb #27b72746
+# %% ../nbs/03_models.ipynb #fcb39d84
 _HEADS_BY_WIDTH = {w: h for _, w, h in _DIT_SIZES.values()}
 
 def _read_state_dict(src) -> dict:
@@ -231,7 +251,7 @@ def convert_original_dit(state_dict_or_path, num_heads: int | None = None, freq_
     model.load_state_dict(full, strict=True)
     return model.eval()
 
-# %% ../nbs/03_models.ipynb #dca53b96
+# %% ../nbs/03_models.ipynb #dc663cf2
 PAPER_SOURCE = 'facebook/DiT-XL-2-256'
 
 def pretrained_candidates(name: str = 'mini') -> list[Path]:

@@ -23,24 +23,14 @@ from tqdm.auto import tqdm
 from .codecs import PixelCodec, to_uint8
 from .data import image_grid
 from .gaussian import DIT_SCHEDULE, ddpm_alpha_bar, gaussian_fit
-from .models import split_output
+from .models import null_label, split_output
 from .reports import atomic_write, atomic_write_text, provenance
 
 # %% auto #0
-__all__ = ['DIT_GUIDED_CHANNELS', 'GUIDANCE_MODES', 'SAMPLERS', 'VARIANCE_TYPES', 'null_label_of', 'model_output', 'guide',
-           'guided_eps', 'make_scheduler', 'image_generators', 'sample', 'GaussianPrior', 'fit_prior_ot',
-           'load_samples', 'generate']
+__all__ = ['DIT_GUIDED_CHANNELS', 'GUIDANCE_MODES', 'SAMPLERS', 'VARIANCE_TYPES', 'model_output', 'guide', 'guided_eps',
+           'make_scheduler', 'image_generators', 'sample', 'GaussianPrior', 'fit_prior_ot', 'load_samples', 'generate']
 
 # %% ../nbs/07_sampling.ipynb #183b1de1
-def null_label_of(model) -> int:
-    "The null (unconditional) label of `model`: its own class count K (DiT: `config.num_embeds_ada_norm`)."
-    cfg = getattr(model, 'config', None)
-    for key in ('num_embeds_ada_norm', 'num_classes'):
-        n = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
-        if n is not None: return int(n)
-    raise ValueError(f"cannot tell the null label of {type(model).__name__}: its config has neither "
-                     f"num_embeds_ada_norm (diffusers DiT) nor num_classes")
-
 def model_output(model, x, t, y) -> torch.Tensor:
     "`model(x, timestep=t, class_labels=y)` as a float32 tensor (B, C or 2C, H, W)."
     out = model(x, timestep=t, class_labels=y)
@@ -74,8 +64,8 @@ def guided_eps(finetuned, pretrained=None, mode: str = 'clr', w: float = 0.5, gu
     if mode == 'none' and w != 0: raise ValueError(f"mode 'none' takes no guidance weight, got w={w}")
     if mode in ('dog', 'clr', 'hybrid') and pretrained is None: raise ValueError(f"mode {mode!r} needs the pretrained model")
     if guided_channels != 'all': _n_guided(guided_channels, 10**9)
-    null_ft = null_label_of(finetuned)
-    null_pre = null_label_of(pretrained) if pretrained is not None else None
+    null_ft = null_label(finetuned)
+    null_pre = null_label(pretrained) if pretrained is not None else None
     lut = None if pre_labels is None else torch.as_tensor(pre_labels, dtype=torch.long)
     if lut is not None and pretrained is not None and ((lut < 0) | (lut >= null_pre)).any():
         raise ValueError(f"pre_labels must be class ids 0..{null_pre - 1} of the pretrained model, got {lut.tolist()[:8]}")
@@ -244,8 +234,8 @@ def generate(finetuned, pretrained=None, labels=None, n_per_class: int | None = 
     eps_fn = guided_eps(finetuned, pretrained, mode, w, guided_channels, t_switch, pre_labels)
     make_scheduler(sampler, steps)
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    labels = _sample_labels(labels, n_per_class, classes, null_label_of(finetuned))
-    if pre_labels is None and pretrained is not None and mode in ('clr', 'hybrid') and labels.max() >= null_label_of(pretrained):
+    labels = _sample_labels(labels, n_per_class, classes, null_label(finetuned))
+    if pre_labels is None and pretrained is not None and mode in ('clr', 'hybrid') and labels.max() >= null_label(pretrained):
         raise ValueError(f"label {labels.max()} is not a class of the pretrained model; pass pre_labels")
     codec = codec or PixelCodec()
     cfg = finetuned.config
