@@ -29,17 +29,19 @@ from .gaussian import ddpm_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from .ant import TRAINABLE, adversarial_noise, load_domain_classifier, similarity_target, trainable_subset
 from .models import _label_embedders, load_dit, null_label, save_dit, split_output
 
 # %% auto #0
-__all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'LOG_FIELDS', 'FinetuneConfig', 'finetune_config', 'make_ema', 'posterior_terms',
-           'normal_kl', 'discretized_gaussian_loglik', 'vb_bits', 'min_snr_weights', 'diffusion_loss',
-           'resize_label_table', 'label_lookup', 'apply_label_map', 'batch_indices', 'step_draws', 'StepBatchSampler',
-           'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'load_finetuned',
-           'FinetuneResult', 'num_target_classes', 'finetune', 'read_log', 'plot_loss']
+__all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'LOG_FIELDS', 'FinetuneConfig', 'finetune_config', 'make_ema', 'scheduled_lr',
+           'posterior_terms', 'normal_kl', 'discretized_gaussian_loglik', 'vb_bits', 'min_snr_weights',
+           'diffusion_loss', 'resize_label_table', 'label_lookup', 'apply_label_map', 'batch_indices', 'step_draws',
+           'StepBatchSampler', 'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint',
+           'load_finetuned', 'FinetuneResult', 'num_target_classes', 'finetune', 'read_log', 'plot_loss']
 
 # %% ../nbs/06_finetune.ipynb #6064f0ff
 _MIXED = ('no', 'bf16', 'fp16')
+_LR_SCHEDULES = ('constant', 'cosine')
 
 @dataclass
 class FinetuneConfig:
@@ -70,6 +72,12 @@ class FinetuneConfig:
     num_workers: int = 0                       # DataLoader workers
     cpu: bool = False                          # stay on CPU even when an accelerator is present
     allow_tf32: bool = True                    # TF32 matmuls on CUDA in fp32 runs, as DiT's training script
+    lr_schedule: str = 'constant'              # 'constant' (DiT) | 'cosine': decay to 0 over the steps after warmup
+    trainable: str = 'all'                     # 'all' | 'difffit' (biases, norms, embedding tables; wat_nb.ant)
+    adv_noise_steps: int = 0                   # ANT adversarial noise: gradient-ascent steps on eps (0: plain noise)
+    adv_noise_step_size: float = 0.02          # ANT adversarial noise: ascent step size
+    similarity_gamma: float = 0.0              # ANT similarity guidance gamma (0: plain eps target)
+    domain_classifier: str | None = None       # path of a saved DomainClassifier; required when similarity_gamma > 0
 
     def __post_init__(self):
         self.betas, self.t_range = tuple(self.betas), tuple(int(t) for t in self.t_range)
@@ -93,6 +101,16 @@ class FinetuneConfig:
         if self.warmup_steps < 0: bad.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             bad.append(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
+        if self.lr_schedule not in _LR_SCHEDULES:
+            bad.append(f"lr_schedule must be one of {_LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.trainable not in TRAINABLE: bad.append(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if not isinstance(self.adv_noise_steps, int) or self.adv_noise_steps < 0:
+            bad.append(f"adv_noise_steps must be an int >= 0, got {self.adv_noise_steps!r}")
+        if not self.adv_noise_step_size > 0: bad.append(f"adv_noise_step_size must be > 0, got {self.adv_noise_step_size}")
+        if not self.similarity_gamma >= 0: bad.append(f"similarity_gamma must be >= 0, got {self.similarity_gamma}")
+        if self.similarity_gamma > 0 and not self.domain_classifier:
+            bad.append("similarity_gamma > 0 needs domain_classifier, the path of a saved DomainClassifier "
+                       "(wat_nb.ant.train_domain_classifier + save_domain_classifier)")
         if bad: raise ValueError('; '.join(bad))
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
@@ -129,6 +147,15 @@ def make_ema(params, cfg: FinetuneConfig) -> EMAModel:
                     use_ema_warmup=cfg.ema_warmup, inv_gamma=1.0, power=cfg.ema_power, foreach=True)
 
 # %% ../nbs/06_finetune.ipynb #27daa6d4
+def scheduled_lr(cfg: FinetuneConfig, step: int) -> float:
+    "Learning rate of 0-based `step`: lr * min(1, (step+1)/warmup), then cosine to 0 at cfg.steps if 'cosine'."
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    if cfg.lr_schedule == 'cosine' and step >= cfg.warmup_steps:
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return lr
+
+# %% ../nbs/06_finetune.ipynb #918beae0
 def posterior_terms(scheduler) -> dict:
     "float64 tables over t of q(x_{t-1} | x_t, x_0) and the eps -> x_0 inversion, from the scheduler's betas."
     beta, abar = scheduler.betas.double(), scheduler.alphas_cumprod.double()
@@ -138,7 +165,7 @@ def posterior_terms(scheduler) -> dict:
                 coef_x0=beta * abar_prev.sqrt() / (1 - abar), coef_xt=(1 - abar_prev) * (1 - beta).sqrt() / (1 - abar),
                 sqrt_recip_abar=(1 / abar).sqrt(), sqrt_recipm1_abar=(1 / abar - 1).sqrt())
 
-# %% ../nbs/06_finetune.ipynb #ecf20a43
+# %% ../nbs/06_finetune.ipynb #ee5ce657
 def normal_kl(mean1, logvar1, mean2, logvar2):
     "KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1)
@@ -177,7 +204,7 @@ def diffusion_loss(out, x0, xt, noise, t, terms: dict, weights=None) -> tuple:
     simple = mse if weights is None else (weights * per).mean()
     return (simple if v is None else simple + vb_bits(eps, v, x0, xt, t, terms).mean()), mse
 
-# %% ../nbs/06_finetune.ipynb #90054689
+# %% ../nbs/06_finetune.ipynb #957ae286
 def resize_label_table(model, num_classes: int, seed: int = 0):
     "Give `model` a fresh N(0, 0.02^2) label table of `num_classes` + 1 rows (null label last), in place."
     emb = _label_embedders(model)
@@ -223,7 +250,7 @@ def apply_label_map(model, label_map, num_target: int, seed: int = 0) -> torch.T
     if isinstance(label_map, str) and label_map == 'reinit': resize_label_table(model, num_target, seed)
     return label_lookup(label_map, num_target, model.config.num_embeds_ada_norm)
 
-# %% ../nbs/06_finetune.ipynb #957ae286
+# %% ../nbs/06_finetune.ipynb #597271b7
 def _generator(seed: int, *key: int) -> torch.Generator:
     "A CPU torch.Generator seeded from (seed, *key) through numpy's SeedSequence hashing."
     s = np.random.SeedSequence([seed, *key]).generate_state(2, dtype=np.uint32)
@@ -263,7 +290,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
             idx = batch_indices(self.n, self.batch_size, s, self.seed)[self.part].tolist()
             yield [(i, s) for i in idx] if self.keyed else idx
 
-# %% ../nbs/06_finetune.ipynb #597271b7
+# %% ../nbs/06_finetune.ipynb #8eb1b20a
 CKPT_DIR = 'checkpoints'
 
 def _versions() -> dict:
@@ -365,7 +392,7 @@ def load_finetuned(path, ema: bool = True, **load_kw):
         p = ckpt
     return load_dit(p / ('ema' if ema else 'model'), **load_kw)
 
-# %% ../nbs/06_finetune.ipynb #2fa95da1
+# %% ../nbs/06_finetune.ipynb #fe0ba90a
 def _rng_state() -> dict:
     "This process's global RNG states as JSON-able data."
     py = random.getstate()
@@ -383,7 +410,7 @@ def _set_rng_state(s: dict):
     if 'cuda' in s and torch.cuda.is_available() and len(s['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s['cuda']])
 
-# %% ../nbs/06_finetune.ipynb #fe0ba90a
+# %% ../nbs/06_finetune.ipynb #96919907
 _FIXED_ON_RESUME = ('label_map', 'num_classes', 'seed', 'batch_size', 'num_train_timesteps')
 LOG_FIELDS = ('step', 'loss', 'mse', 'lr', 'images_per_s', 'time')
 
@@ -437,7 +464,7 @@ def _prepare_run_dir(run: Path, cfg: FinetuneConfig, step: int):
     _write_text_atomic(run / 'config.json', json.dumps(cfg.to_dict(), indent=1))
     _truncate_log(run / 'log.csv', step)
 
-# %% ../nbs/06_finetune.ipynb #c6628340
+# %% ../nbs/06_finetune.ipynb #79f9764b
 def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | None = None,
              on_checkpoint=None) -> FinetuneResult:
     "Fine-tune a DiT on (x, label) pairs per `cfg`: eps-MSE (+ L_vb), label map + dropout, EMA; resumes from `cfg.output`."
@@ -461,6 +488,13 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
         raise ValueError(f"dataset labels span {targets.min()}..{targets.max()}, outside the {k} target classes")
     lut = apply_label_map(model, cfg.label_map, k, cfg.seed).to(dev)
     null = null_label(model)
+    share = trainable_subset(model, cfg.trainable)  # after the label map: 'reinit' makes a new label table
+    clf = None
+    if cfg.similarity_gamma > 0:
+        clf = load_domain_classifier(cfg.domain_classifier, device=dev)
+        if clf.config['in_channels'] != model.config.in_channels:
+            raise ValueError(f"the domain classifier {cfg.domain_classifier} takes {clf.config['in_channels']} channels "
+                             f"but the model {model.config.in_channels}: train it on the model's inputs")
     for e in _label_embedders(model):
         if e.dropout_prob:  # diffusers' own token_drop would drop labels a second time
             warnings.warn(f"setting the model's internal label dropout {e.dropout_prob} to 0: the loop drops labels")
@@ -500,20 +534,20 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
     part = slice(rank * (cfg.batch_size // world), (rank + 1) * (cfg.batch_size // world))
     expect = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
     run_state = dict(config=cfg.to_dict(), label_lookup=lut.tolist(), null_label=null, num_classes=k,
-                     world_size=world, writer_rank=rank)
-    buf, t_win, t0 = [], time.perf_counter(), time.perf_counter()
+                     world_size=world, writer_rank=rank, trainable_share=share)
+    buf, lrs, t_win, t0 = [], [], time.perf_counter(), time.perf_counter()
     pbar = tqdm(total=cfg.steps, initial=start, disable=not main, desc=f'finetune {run.name}', dynamic_ncols=True)
 
     def flush(step):
         "Sync the buffered losses, log them, and stop on a non-finite one."
-        nonlocal buf, t_win
+        nonlocal buf, lrs, t_win
         vals = torch.stack(buf)  # (n, 2): loss, mse
         if world > 1: vals = acc.reduce(vals, reduction='mean')
-        vals, n, lr = vals.tolist(), len(buf), opt.param_groups[0]['lr']
+        vals, n, lr, step_lrs = vals.tolist(), len(buf), opt.param_groups[0]['lr'], lrs
         now = time.perf_counter(); ips = n * cfg.batch_size / max(now - t_win, 1e-9)
-        buf, t_win = [], now
-        rows = [dict(step=step - n + 1 + i, loss=l, mse=m, lr=lr, images_per_s=round(ips, 2), time=round(now - t0, 3))
-                for i, (l, m) in enumerate(vals)]
+        buf, lrs, t_win = [], [], now
+        rows = [dict(step=step - n + 1 + i, loss=l, mse=m, lr=step_lrs[i], images_per_s=round(ips, 2),
+                     time=round(now - t0, 3)) for i, (l, m) in enumerate(vals)]
         bad = next((r for r in rows if not math.isfinite(r['loss'])), None)
         if main:
             with open(run / 'log.csv', 'a', newline='') as f:
@@ -535,18 +569,22 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
         t, drop, noise = step_draws(cfg.seed, step, cfg.batch_size, x.shape[1:], cfg.t_range, cfg.label_dropout)
         t, drop, noise = t[part].to(dev), drop[part].to(dev), noise[part].to(dev)
         y = torch.where(drop, null, lut[torch.as_tensor(y, device=dev)])  # label map, then CFG dropout to null
+        if cfg.adv_noise_steps:  # ANT: ascend the loss in eps (a function of the step's draws and the weights)
+            noise = adversarial_noise(net, x, t, y, noise, sched, cfg.adv_noise_steps, cfg.adv_noise_step_size,
+                                      autocast=acc.autocast)
         xt = sched.add_noise(x, noise, t)
+        target = noise if clf is None else similarity_target(noise, xt, t, clf, cfg.similarity_gamma, sched.alphas_cumprod)
         out = model(xt, timestep=t, class_labels=y).sample
         wts = None if cfg.min_snr_gamma is None else min_snr_weights(t, sched.alphas_cumprod, cfg.min_snr_gamma)
-        loss, mse = diffusion_loss(out, x, xt, noise, t, terms, wts)
+        loss, mse = diffusion_loss(out, x, xt, target, t, terms, wts)
         acc.backward(loss)
         if cfg.grad_clip is not None: acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if cfg.warmup_steps:  # a function of the step alone, so a resumed run sets the same lr
-            for g in opt.param_groups: g['lr'] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        if cfg.warmup_steps or cfg.lr_schedule != 'constant':  # a function of the step alone: resume sets the same lr
+            for g in opt.param_groups: g['lr'] = scheduled_lr(cfg, step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None: ema.step(params)
-        buf.append(torch.stack([loss.detach(), mse.detach()]))
+        buf.append(torch.stack([loss.detach(), mse.detach()])); lrs.append(opt.param_groups[0]['lr'])
         done = step + 1
         pbar.update(1)
         save_now = done % cfg.ckpt_every == 0 or done == cfg.steps
@@ -568,7 +606,7 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
     model.eval()
     return FinetuneResult(run, last, cfg.steps, net)
 
-# %% ../nbs/06_finetune.ipynb #96919907
+# %% ../nbs/06_finetune.ipynb #483cbd71
 def read_log(run_dir) -> dict:
     "The run's log.csv as {column: numpy array}."
     with open(Path(run_dir) / 'log.csv', newline='') as f: rows = list(csv.DictReader(f))

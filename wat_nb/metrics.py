@@ -34,7 +34,7 @@ __all__ = ['CACHE_VERSION', 'LITE0_PACKAGES', 'MINI_EXTRACTOR', 'PAPER_EXTRACTOR
            'FEATURE_PACKAGES', 'to_uint8', 'UInt8Images', 'load_images', 'efficientnet_lite0',
            'FeatureExtractorEfficientNetLite0', 'register_extractors', 'fidelity_cache_root', 'extract_features',
            'fid_from_features', 'kid_from_features', 'prc_from_features', 'hub_files', 'require_weights',
-           'metrics_path', 'evaluate']
+           'metrics_path', 'evaluate', 'feature_embedder']
 
 # %% ../nbs/08_metrics.ipynb #d4104688
 CACHE_VERSION = 1  # bump when the preprocessing of a feature extractor changes: old cache entries stop matching
@@ -365,3 +365,14 @@ def evaluate(samples, reference, profile: str = "mini", metrics=("fid", "kid", "
         atomic_write_text(path, json.dumps(res, indent=2) + "\n")
         res["path"] = str(path)
     return res
+
+# %% ../nbs/08_metrics.ipynb #be760d26
+def feature_embedder(profile: str = "mini", metric: str = "fid", batch_size: int = 64, cuda: bool | None = None):
+    "embed(x): float images (B, 3, H, W) in [-1, 1] -> (B, D) features of the `metric` network of `profile`."
+    if profile not in PROFILES: raise ValueError(f"unknown profile {profile!r}; known: {', '.join(PROFILES)}")
+    if metric not in PROFILES[profile]: raise ValueError(f"profile {profile!r} has no metric {metric!r}; known: {', '.join(PROFILES[profile])}")
+    extractor, layer = PROFILES[profile][metric]
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return extract_features(to_uint8(torch.as_tensor(x)), extractor, [layer], batch_size=batch_size, cuda=cuda,
+                                cache=False, verbose=False)[layer]
+    return embed
