@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Regenerate the paper's tables and figures (mini profile) into figures/; executed notebooks go to runs/.
+# Run every experiment and regenerate the paper's tables and figures (mini profile) into figures/, skipping what is
+# done; executed notebooks go to runs/reproduce/logs/. Driver options through ARGS, e.g.
+# `make reproduce ARGS=--dry-run`, `make reproduce ARGS=--smoke`, `make reproduce ARGS="--only 'paper/table4*'"`.
+ARGS ?=
 reproduce: $(STAMP)
-	mkdir -p runs/paper
-	$(BIN)/papermill nbs/paper/theorem2.ipynb runs/paper/theorem2.ipynb -p dim 64 -p n_pairs 8
-	$(BIN)/papermill nbs/paper/fig1_trajectories.ipynb runs/paper/fig1_trajectories.ipynb
+	$(BIN)/python -m wat_nb.reproduce $(ARGS)
 
 # Library checks (export drift, clean notebooks, lint), every notebook under nbdev_test, then pytest.
 test: $(STAMP)

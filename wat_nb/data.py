@@ -209,7 +209,7 @@ def _texture_backgrounds(n: int, size: int, rng) -> np.ndarray:
     return out
 
 def make_shapes(classes, n_per_class: int, size: int = 32, shift: float = 0.0, seed: int = 0,
-                rotation: float = 180.0, scale: tuple = (0.28, 0.44), jitter: float = 0.12,
+                rotation: float = 20.0, scale: tuple = (0.28, 0.44), jitter: float = 0.12,
                 hue_jitter: float = 0.03, outline_width: float = 0.22, supersample: int = 4,
                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Render `n_per_class` images of each source class id in `classes` -> uint8 (N, size, size, 3), labels = index into `classes`.
@@ -274,7 +274,7 @@ def resize_images(x: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), rs)) for im in x])
 
 # %% ../nbs/01_data.ipynb #dc3e5a7e
-_SHAPES_VERSION = 1  # bump when the generator changes, so old caches are not reused
+_SHAPES_VERSION = 2  # bump when the generator changes, so old caches are not reused
 
 def _cache_file(root: Path, name: str, params: dict) -> Path:
     key = hashlib.sha1(json.dumps({**params, "version": _SHAPES_VERSION}, sort_keys=True).encode()).hexdigest()[:10]

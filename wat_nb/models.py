@@ -267,7 +267,8 @@ def pretrained(name: str = 'mini', device=None, dtype=None, download: bool = Fal
     if name == 'paper': name = PAPER_SOURCE
     if name != 'mini': return load_dit(name, download=download, device=device, dtype=dtype)
     for d in pretrained_candidates(name):
-        if (d / 'config.json').is_file(): return load_dit(d, device=device, dtype=dtype)
+        if (d / 'config.json').is_file():  # the committed weights are stored in fp16; compute in fp32 unless asked
+            return load_dit(d, device=device, dtype=dtype or torch.float32)
     where = '\n  '.join(str(d) for d in pretrained_candidates(name))
     raise FileNotFoundError(f"no pretrained mini model found; looked in\n  {where}\nTrain it with "
                             f"`papermill nbs/pretrain.ipynb runs/pretrain.ipynb` (or set WAT_NB_PRETRAINED to a folder "

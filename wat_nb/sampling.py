@@ -255,7 +255,7 @@ def generate(finetuned, pretrained=None, labels=None, n_per_class: int | None = 
         return final
     if parts.exists():
         old = json.loads((parts / 'params.json').read_text()) if (parts / 'params.json').exists() else None
-        if overwrite or old != params: shutil.rmtree(parts)
+        if old != params: shutil.rmtree(parts)  # finished parts of the same settings are kept, even with overwrite
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write_text(parts / 'params.json', json.dumps(params, sort_keys=True))
     done = np.zeros(len(labels), bool)

@@ -1,0 +1,177 @@
+"""The reproduction driver: kill and resume, skipping finished steps, dry runs, the command line, completion checks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wat_nb.reports import repo_root
+from wat_nb.reproduce import (Step, build_plan, fake_plan, metrics_complete, plan_config, run_finished, run_plan,
+                              samples_complete)
+
+ROOT = repo_root()
+WORKER = """
+import sys
+from pathlib import Path
+from wat_nb.reproduce import fake_plan, run_plan
+root, slow = Path(sys.argv[1]), float(sys.argv[2])
+steps = fake_plan(root, 4)
+steps[2].params["sleep"] = slow          # the third step can be made slow, to kill the driver inside it
+res = run_plan(steps, root=root, progress=False)
+sys.exit(1 if res["failed"] else 0)
+"""
+
+
+def _worker(tmp_path: Path) -> Path:
+    p = tmp_path / "worker.py"
+    p.write_text(WORKER)
+    return p
+
+
+def _counts(root: Path) -> dict:
+    names = [Path(m).name for m in (root / "count.txt").read_text().split()] if (root / "count.txt").exists() else []
+    return {n: names.count(n) for n in set(names)}
+
+
+def _run(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+def test_kill_then_resume_then_skip(tmp_path):
+    root = tmp_path / "plan"
+    worker = _worker(tmp_path)
+    proc = subprocess.Popen([sys.executable, str(worker), str(root), "60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    t0 = time.time()
+    while _counts(root).get("2.txt", 0) == 0:       # wait until the slow third step has started
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() - t0 < 120, "the driver never reached the third step"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert (root / "out/0.txt").is_file() and (root / "out/1.txt").is_file()
+    assert not (root / "out/3.txt").exists()
+
+    r = _run([str(worker), str(root), "0"])          # resume: only the killed step and the one after it run
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _counts(root) == {"0.txt": 1, "1.txt": 1, "2.txt": 2, "3.txt": 1}
+    assert all((root / f"out/{i}.txt").is_file() for i in range(4))
+    assert "2 done, 2 skipped" in r.stdout
+
+    t1 = time.time()
+    r = _run([str(worker), str(root), "0"])          # everything done: no kernel starts, a few seconds at most
+    wall = time.time() - t1
+    assert r.returncode == 0 and "0 done, 4 skipped" in r.stdout, r.stdout + r.stderr
+    assert wall < 8, f"a run with nothing to do took {wall:.1f} s"
+    assert _counts(root) == {"0.txt": 1, "1.txt": 1, "2.txt": 2, "3.txt": 1}
+
+
+def test_failing_step_stops_with_its_log(tmp_path):
+    steps = fake_plan(tmp_path, 3)
+    (tmp_path / "fail-0").touch()
+    res = run_plan(steps, root=tmp_path, progress=False, echo=lambda *_: None)
+    assert res["failed"] == ["fake/0"] and res["done"] == [] and res["not_run"] == 2
+    log = Path(res["log"])
+    assert log == tmp_path / "runs/reproduce/logs/fake/0.ipynb" and log.is_file()
+    assert "asked to fail" in log.read_text()
+
+
+def test_step_whose_check_still_fails_is_a_failure(tmp_path):
+    steps = fake_plan(tmp_path, 1)
+    steps[0].outputs = ("somewhere/else.txt",)       # the notebook runs but never writes this
+    res = run_plan(steps, root=tmp_path, progress=False, echo=lambda *_: None)
+    assert res["failed"] == ["fake/0"]
+
+
+def test_dry_run_lists_steps_and_runs_nothing(tmp_path):
+    r = _run(["-m", "wat_nb.reproduce", "--smoke", "--dry-run", "--only", "paper/table3*"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(l.split()[-1:] == ["pretrain"] or "pretrain " in l for l in lines)
+    assert any("paper/table3_timestep_range" in l for l in lines)
+    assert any("train/shapes-near/identity-t0-600-s0" in l for l in lines)
+    assert not any("table1_2" in l for l in lines)                  # --only keeps the table and what it needs
+    assert "would run" in lines[-1] and "0 failed" in lines[-1]
+
+
+def test_paper_plan_dry_run():
+    r = _run(["-m", "wat_nb.reproduce", "--profile", "paper", "--dry-run", "--only", "paper/table1*"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    for t in ("food", "sun", "caltech", "cub", "cars", "df20m", "artbench"):
+        assert f"train/{t}/wat-t0-1000-s2" in r.stdout
+    assert "dataset=food" in r.stdout and "n_per_class=100 " in r.stdout      # 10k samples over 101 classes
+    assert "metrics=fid,kid,prc,fd_dinov2" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [(["--profile", "imagenet"], "invalid choice"),
+                                           (["--set", "colour=red"], "KNOB=VALUE"),
+                                           (["--set", "targets=nope"], "unknown target"),
+                                           (["--only", "nothing-like-this"], "no step matches")])
+def test_bad_arguments(args, message):
+    r = _run(["-m", "wat_nb.reproduce", "--dry-run", *args], cwd=ROOT)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def _fake_run(run: Path, steps: int, classes: int = 3):
+    "A run folder as wat_nb.finetune leaves it: config.json, a checkpoint with state.json, and `latest`."
+    ck = run / "checkpoints" / f"step-{steps}"
+    ck.mkdir(parents=True)
+    (ck / "state.json").write_text(json.dumps(dict(step=steps, label_lookup=list(range(classes)))))
+    (run / "config.json").write_text(json.dumps(dict(steps=steps)))
+    (run / "latest").write_text(f"checkpoints/step-{steps}")
+
+
+def test_completion_checks_of_the_entry_notebooks(tmp_path):
+    cfg = plan_config(seeds=(0,), targets=("shapes-near",), runs_root=str(tmp_path / "runs"), n_per_class=2)
+    plan = {s.name: s for s in build_plan(cfg)}
+    train = plan["train/shapes-near/wat-t0-1000-s0"]
+    sample = plan["sample/shapes-near/wat-t0-1000-s0/clr-w0.5-ddpm50-s0"]
+    evaluate = plan["evaluate/shapes-near/wat-t0-1000-s0/clr-w0.5-ddpm50-s0"]
+    run = tmp_path / train.outputs[0]
+    assert not run_finished(train, tmp_path)
+    _fake_run(run, 3)
+    assert run_finished(train, tmp_path)                          # at the configured steps (config.json)
+    train.params["steps"] = 10
+    assert not run_finished(train, tmp_path)                      # the knob asks for more steps
+    npz = tmp_path / sample.outputs[0]
+    npz.parent.mkdir(parents=True)
+    np.savez(npz, images=np.zeros((5, 8, 8, 3), np.uint8), labels=np.zeros(5), params=np.array("{}"))
+    assert not samples_complete(sample, tmp_path)                 # 5 images, not 2 x 3 classes
+    np.savez(npz, images=np.zeros((6, 8, 8, 3), np.uint8), labels=np.zeros(6), params=np.array("{}"))
+    assert samples_complete(sample, tmp_path)
+    os.utime(npz, (1, 1))                                         # older than the run's latest checkpoint
+    assert not samples_complete(sample, tmp_path)
+    os.utime(npz)
+    met = tmp_path / evaluate.outputs[0]
+    met.write_text(json.dumps(dict(fid=1.0, kid_mean=0.1, precision=0.5)))
+    assert not metrics_complete(evaluate, tmp_path)               # fd_mid was asked for
+    met.write_text(json.dumps(dict(fid=1.0, kid_mean=0.1, precision=0.5, fd_mid=2.0)))
+    assert metrics_complete(evaluate, tmp_path)
+    os.utime(met, (1, 1))                                         # older than its samples
+    assert not metrics_complete(evaluate, tmp_path)
+
+
+def test_paper_notebook_names_missing_results(tmp_path):
+    import papermill as pm
+    out = tmp_path / "table.ipynb"
+    over = json.dumps(dict(runs_root=str(tmp_path / "runs"), out_dir=str(tmp_path / "fig"), seeds=[0, 1]))
+    env = {k: v for k, v in os.environ.items() if k != "IN_TEST"}
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        old = dict(os.environ); os.environ.clear(); os.environ.update(env)
+        try:
+            pm.execute_notebook(str(ROOT / "nbs/paper/table1_2_transfer.ipynb"), str(out), kernel_name="python3",
+                                parameters=dict(overrides=over), cwd=str(ROOT), progress_bar=False)
+        finally:
+            os.environ.clear(); os.environ.update(old)
+    msg = e.value.evalue
+    assert e.value.ename == "FileNotFoundError"
+    assert "32 of 32 result files are missing" in msg and "none-w0-ddpm50-s1.metrics.json" in msg
+    assert "python -m wat_nb.reproduce --profile mini" in msg and "--only 'paper/table1_2_transfer'" in msg
+    assert not (tmp_path / "fig").exists()
