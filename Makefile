@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 # Run every experiment and regenerate the paper's tables and figures (mini profile) into figures/, skipping what is
 # done; executed notebooks go to runs/reproduce/logs/. Driver options through ARGS, e.g.
 # `make reproduce ARGS=--dry-run`, `make reproduce ARGS=--smoke`, `make reproduce ARGS="--only 'paper/table4*'"`.
+# JOBS independent steps run at once (2 suits a 2-core CPU; on a single GPU use JOBS=1).
 ARGS ?=
+JOBS ?= 2
 reproduce: $(STAMP)
-	$(BIN)/python -m wat_nb.reproduce $(ARGS)
+	$(BIN)/python -m wat_nb.reproduce --jobs $(JOBS) $(ARGS)
 
 # Library checks (export drift, clean notebooks, lint), every notebook under nbdev_test, then pytest.
 test: $(STAMP)

@@ -68,7 +68,7 @@ passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
 
 echo "== reproduction driver, smoke setting (every experiment and paper notebook on tiny settings)"
 rm -rf runs/smoke
-if OMP_NUM_THREADS=1 timeout 1200 "$BIN/python" -m wat_nb.reproduce --smoke >"$OUT/smoke.log" 2>&1; then
+if OMP_NUM_THREADS=1 timeout 1200 "$BIN/python" -m wat_nb.reproduce --smoke --jobs 2 >"$OUT/smoke.log" 2>&1; then
   tail -2 "$OUT/smoke.log"
   if OMP_NUM_THREADS=1 timeout 120 "$BIN/python" -m wat_nb.reproduce --smoke >"$OUT/smoke2.log" 2>&1 && grep -q "reproduce: 0 done, .* 0 failed" "$OUT/smoke2.log"; then
     ok "make reproduce --smoke runs every step, and a second run redoes nothing"

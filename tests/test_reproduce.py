@@ -129,7 +129,8 @@ def _fake_run(run: Path, steps: int, classes: int = 3):
 
 
 def test_completion_checks_of_the_entry_notebooks(tmp_path):
-    cfg = plan_config(seeds=(0,), targets=("shapes-near",), runs_root=str(tmp_path / "runs"), n_per_class=2)
+    cfg = plan_config(seeds=(0,), targets=("shapes-near",), runs_root=str(tmp_path / "runs"), n_per_class=2,
+                      finetune_steps=0)                          # 0: the run's own config.json says how many steps
     plan = {s.name: s for s in build_plan(cfg)}
     train = plan["train/shapes-near/wat-t0-1000-s0"]
     sample = plan["sample/shapes-near/wat-t0-1000-s0/clr-w0.5-ddpm50-s0"]
@@ -175,3 +176,51 @@ def test_paper_notebook_names_missing_results(tmp_path):
     assert "32 of 32 result files are missing" in msg and "none-w0-ddpm50-s1.metrics.json" in msg
     assert "python -m wat_nb.reproduce --profile mini" in msg and "--only 'paper/table1_2_transfer'" in msg
     assert not (tmp_path / "fig").exists()
+
+
+PAIR_BODY = """import os, time
+from pathlib import Path
+Path(marker + ".started").write_text(os.environ.get("OMP_NUM_THREADS", "unset"))
+t0 = time.time()
+while not Path(other + ".started").exists():         # only a driver running both at once gets past this
+    if time.time() - t0 > 60: raise RuntimeError("the other step never started")
+    time.sleep(0.1)
+Path(marker).write_text("ok")"""
+
+
+def _pair(tmp_path: Path) -> list:
+    import nbformat
+    params = nbformat.v4.new_code_cell('marker = ""\nother = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(PAIR_BODY)])
+    nb.metadata["kernelspec"] = dict(name="python3", display_name="Python 3", language="python")
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, str(tmp_path / "nbs" / "pair.ipynb"))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    after = Step("pair/c", "nbs/fake.ipynb", dict(marker=str(tmp_path / "c"), counter=str(tmp_path / "count.txt")),
+                 None, ("pair/a", "pair/b"), ("c",))
+    fake_plan(tmp_path, 1)                            # writes nbs/fake.ipynb
+    return [Step("pair/a", "nbs/pair.ipynb", dict(marker=a, other=b), None, (), ("a",)),
+            Step("pair/b", "nbs/pair.ipynb", dict(marker=b, other=a), None, (), ("b",)), after]
+
+
+def test_jobs_run_independent_steps_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    res = run_plan(_pair(tmp_path), root=tmp_path, progress=False, echo=lambda *_: None, jobs=2)
+    assert res["done"][-1] == "pair/c" and sorted(res["done"][:2]) == ["pair/a", "pair/b"] and not res["failed"]
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert (tmp_path / "a.started").read_text() == str(threads)     # each kernel got its share of the cores
+    assert "OMP_NUM_THREADS" not in os.environ                      # and the driver's environment is restored
+
+
+def test_one_job_runs_in_order(tmp_path):
+    steps = _pair(tmp_path)
+    steps[0].params["other"] = str(tmp_path / "never")  # a alone cannot wait for b: it fails after its timeout
+    steps[0].params["marker"] = str(tmp_path / "a")
+    import nbformat
+    nb = nbformat.read(str(tmp_path / "nbs" / "pair.ipynb"), as_version=4)
+    nb.cells[1].source = nb.cells[1].source.replace("> 60", "> 2")
+    nbformat.write(nb, str(tmp_path / "nbs" / "pair.ipynb"))
+    res = run_plan(steps, root=tmp_path, progress=False, echo=lambda *_: None, jobs=1)
+    assert res["failed"] == ["pair/a"] and res["done"] == [] and res["not_run"] == 2
+    assert not (tmp_path / "b.started").exists()      # b never started: one step at a time, and none after a failure

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['as_class_list', 'subsample_class', 'group_by_class', 'emd2_uniform', 'sq_dists', 'class_cost_matrix', 'match_classes',
-           'draw_source_samples', 'prefilter_sources', 'save_matching', 'load_matching', 'matching_label_map',
-           'matching_accuracy']
+           'draw_source_samples', 'source_cache_name', 'cached_source_samples', 'prefilter_sources', 'save_matching',
+           'load_matching', 'matching_label_map', 'matching_accuracy']
 
 # %% ../nbs/05_matching.ipynb #e1e66aed
 import json
@@ -215,6 +215,28 @@ def draw_source_samples(sample_fn, class_ids, m: int, seed: int = 0, classes_per
     return torch.cat(out)  # (K, m, ...)
 
 # %% ../nbs/05_matching.ipynb #ce69ff2f
+def source_cache_name(model, m: int, w: float, steps: int, seed: int, sampler: str = 'ddim') -> str:
+    "File name of the cached source samples of `model` (content hash), m per class, CFG weight w, sampler, seed."
+    from wat_nb.sampling import _fingerprint    # imported here: sampling builds on this module's neighbours
+    return f'source-{_fingerprint(model)}-m{int(m)}-w{float(w):g}-{sampler}{int(steps)}-seed{int(seed)}.npz'
+
+def cached_source_samples(sample_fn, class_ids, m: int, seed: int = 0, path=None, progress: bool = True) -> torch.Tensor:
+    "`draw_source_samples(sample_fn, class_ids, m, seed=1000 * seed)`, read from the .npz `path` if there, else saved there."
+    class_ids = [int(c) for c in class_ids]
+    path = None if path is None else Path(path)
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            x, ids = torch.from_numpy(z['x']), z['class_ids'].tolist()
+        if ids == class_ids and x.shape[1] == m: return x
+    x = draw_source_samples(sample_fn, class_ids, m, seed=1000 * int(seed), progress=progress)
+    if path is not None:
+        from wat_nb.reports import atomic_write
+        def write(tmp):
+            with open(tmp, 'wb') as f: np.savez(f, x=x.numpy(), class_ids=np.array(class_ids))
+        atomic_write(path, write)
+    return x
+
+# %% ../nbs/05_matching.ipynb #2e344796
 def prefilter_sources(source, target, keep_per_target: int = 3, cost: str = 'mean') -> np.ndarray:
     "Sorted ids of the source classes among the `keep_per_target` nearest (by cheap `cost`) of any target class, at least k."
     if cost not in ('mean', 'bures'): raise ValueError(f"prefilter cost must be 'mean' or 'bures', got {cost!r}")
@@ -228,7 +250,7 @@ def prefilter_sources(source, target, keep_per_target: int = 3, cost: str = 'mea
         keep.update(order[depth].tolist()); depth += 1
     return np.array(sorted(keep))
 
-# %% ../nbs/05_matching.ipynb #2e344796
+# %% ../nbs/05_matching.ipynb #534ed2ac
 def save_matching(path, sigma, target_classes, source_classes=None, C=None, params: dict | None = None,
                   include_matrix: bool = False) -> Path:
     "Write the matching $j \\mapsto \\sigma(j)$ with class names, costs and parameters to JSON, atomically."

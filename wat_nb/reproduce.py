@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 from .reports import atomic_write_text, repo_root
 
 # %% auto #0
-__all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'SCORES', 'EXTRA_OUTPUTS', 'PAPER_KNOBS', 'SMOKE_KNOBS', 'ARTEFACTS',
-           'FAKE_BODY', 'run_name', 'sample_name', 'notebook_parameters', 'PlanConfig', 'plan_config', 'plan_overrides',
-           'Result', 'table12_results', 'table3_results', 'table4_results', 'fig2_results', 'fig3_results', 'Step',
-           'outputs_exist', 'fingerprint', 'stamp_fresh', 'write_stamp', 'run_finished', 'samples_complete',
-           'metrics_complete', 'pretrained_ready', 'build_plan', 'check_params', 'driver_command', 'require_files',
-           'read_metrics', 'mean_sd', 'write_fake_results', 'select', 'run_plan', 'fake_plan', 'parse_knobs', 'main']
+__all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'SCORES', 'EXTRA_OUTPUTS', 'PAPER_KNOBS', 'SMOKE_KNOBS',
+           'FEWSHOT_METHODS', 'ARTEFACTS', 'FAKE_BODY', 'run_name', 'sample_name', 'notebook_parameters', 'PlanConfig',
+           'plan_config', 'plan_overrides', 'Result', 'table12_results', 'table3_results', 'table4_results',
+           'fig2_results', 'fig3_results', 'fewshot_results', 'Step', 'outputs_exist', 'fingerprint', 'stamp_fresh',
+           'write_stamp', 'run_finished', 'samples_complete', 'metrics_complete', 'pretrained_ready', 'build_plan',
+           'check_params', 'driver_command', 'require_files', 'read_metrics', 'mean_sd', 'write_fake_results', 'select',
+           'run_plan', 'fake_plan', 'parse_knobs', 'main']
 
 # %% ../nbs/10_reproduce.ipynb #127a44e7
 def run_name(method: str, seed: int, t_min: int = 0, t_max: int = 1000) -> str:
@@ -76,13 +77,13 @@ class PlanConfig:
     smoke: bool = False                       # the tiny CI setting (set by plan_config(smoke=True))
     targets: tuple = MINI_TARGETS             # target datasets: the rows of Tables 1-2
     seeds: tuple = (0, 1, 2)                  # one fine-tuning run and one sample set per seed; tables give mean ± sd
-    finetune_steps: int = 0                   # steps of every fine-tuning run; 0: the profile's preset (mini 2000, paper 24k)
+    finetune_steps: int = 400                 # steps of every fine-tuning run; 0: the profile's preset (mini 2000, paper 24k)
     train: dict = field(default_factory=dict)  # other nbs/train.ipynb parameters for every run (batch_size, lr, match_m, ...)
     pretrain: dict | None = field(default_factory=dict)  # nbs/pretrain.ipynb parameters; None: no pretraining step
     pretrained: str = ""                      # source model given to train/sample; empty: the profile's
     sampler: str = "ddpm"                     # ddpm or ddim
     sampling_steps: int = 50                  # sampler steps of every table but Table 4
-    n_per_class: int = 50                     # samples per target class; 0: ceil(n_samples / classes)
+    n_per_class: int = 12                     # samples per target class; 0: ceil(n_samples / classes)
     n_samples: int = 0                        # samples per target when n_per_class is 0 (paper: 10k)
     sample_batch_size: int = 64               # images per sampling batch
     weights: dict = field(default_factory=lambda: {"cfg": 0.5, "dog": 0.5, "clr": 0.5, "hybrid": 0.5})  # w per mode
@@ -94,14 +95,19 @@ class PlanConfig:
     fig2_target: str = "shapes-mid"           # Figure 2: hybrid sampling grid (first seed)
     fig2_t_switch: int = 600                  # Figure 2: the pretrained model for t >= fig2_t_switch
     fig3_target: str = "shapes-mid"           # Figure 3: score against the CLR scale
-    clr_scales: tuple = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # Figure 3: CLR weights w
+    clr_scales: tuple = (0.0, 0.5, 1.0, 2.0)  # Figure 3: CLR weights w
+    fewshot_targets: tuple = ("shapes-mid",)  # few-shot table rows (ANT beside WAT)
+    shots: int = 10                           # few-shot table: training images per class, drawn with the seed
+    fewshot_steps: int = 300                  # few-shot table: fine-tuning steps of every run
+    ant: dict = field(default_factory=lambda: {"trainable": "difffit", "ant_noise_steps": 3,
+                                               "ant_classifier_steps": 500})  # nbs/train.ipynb parameters of ANT runs
     extras: dict = field(default_factory=lambda: {"theorem2": {"dim": 64, "n_pairs": 8}, "fig1_trajectories": {},
                                                   "table_matching": {}})  # other paper notebooks -> parameters
     runs_root: str = "runs"                   # runs, samples, logs; relative to the repository root
     out_dir: str = ""                         # tables and figures; empty: figures/
 
     def __post_init__(self):
-        for k in ("targets", "seeds", "table3_targets", "table4_targets", "table4_steps", "clr_scales"):
+        for k in ("targets", "seeds", "table3_targets", "table4_targets", "table4_steps", "clr_scales", "fewshot_targets"):
             v = getattr(self, k)
             setattr(self, k, tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v))
         self.seeds, self.table4_steps = tuple(int(s) for s in self.seeds), tuple(int(s) for s in self.table4_steps)
@@ -116,6 +122,7 @@ class PlanConfig:
         if self.finetune_steps < 0: bad.append(f"finetune_steps must be >= 0, got {self.finetune_steps}")
         if not 0 < self.short_t_max < 1000: bad.append(f"short_t_max must be in (0, 1000), got {self.short_t_max}")
         if min(self.clr_scales, default=0) < 0: bad.append(f"CLR scales must be >= 0, got {self.clr_scales}")
+        if self.shots < 1 or self.fewshot_steps < 1: bad.append("shots and fewshot_steps must be >= 1")
         missing = {"cfg", "dog", "clr", "hybrid"} - set(self.weights)
         if missing: bad.append(f"weights needs a guidance weight for {sorted(missing)}")
         unknown = set(self.extras) - set(EXTRA_OUTPUTS)
@@ -126,9 +133,10 @@ class PlanConfig:
     def scores(self) -> dict: return SCORES[self.profile]
 
 # %% ../nbs/10_reproduce.ipynb #ad674601
-PAPER_KNOBS = dict(pretrain=None, n_per_class=0, n_samples=10_000, metrics="fid,kid,prc,fd_dinov2",
+PAPER_KNOBS = dict(pretrain=None, finetune_steps=0, n_per_class=0, n_samples=10_000, metrics="fid,kid,prc,fd_dinov2",
                    table3_targets=("food",), table4_targets=("food",), fig2_target="food", fig3_target="food",
-                   extras={})
+                   clr_scales=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0), fewshot_targets=("food",), fewshot_steps=2000,
+                   ant={"trainable": "difffit", "ant_noise_steps": 10, "ant_classifier_steps": 1000}, extras={})
 SMOKE_KNOBS = dict(targets=("shapes-near",), seeds=(0,), finetune_steps=4,
                    train=dict(batch_size=8, match_m=2, match_steps=3, match_cap=8),
                    pretrain=dict(preset="tiny", image_size=16, width=32, depth=2, heads=2, patch=2, steps=20,
@@ -137,6 +145,8 @@ SMOKE_KNOBS = dict(targets=("shapes-near",), seeds=(0,), finetune_steps=4,
                    pretrained="runs/smoke/pretrained/mini/model", sampling_steps=4, n_per_class=2,
                    table3_targets=("shapes-near",), table4_targets=("shapes-near",), table4_steps=(2, 4),
                    fig2_target="shapes-near", fig3_target="shapes-near", clr_scales=(0.0, 0.5, 1.0), extras={},
+                   fewshot_targets=("shapes-near",), shots=2, fewshot_steps=3,
+                   ant={"trainable": "difffit", "ant_noise_steps": 1, "ant_classifier_steps": 5},
                    runs_root="runs/smoke", out_dir="runs/smoke/figures")
 
 def _known_targets(profile: str) -> list:
@@ -153,7 +163,7 @@ def plan_config(profile: str = "mini", smoke: bool = False, **overrides) -> Plan
     knobs = dict(PAPER_KNOBS, targets=tuple(_known_targets("paper"))) if profile == "paper" else {}
     if smoke: knobs |= SMOKE_KNOBS
     cfg = PlanConfig(**{**knobs, **overrides, "profile": profile, "smoke": smoke})
-    used = {*cfg.targets, *cfg.table3_targets, *cfg.table4_targets, cfg.fig2_target, cfg.fig3_target}
+    used = {*cfg.targets, *cfg.table3_targets, *cfg.table4_targets, cfg.fig2_target, cfg.fig3_target, *cfg.fewshot_targets}
     known = _known_targets(cfg.profile)
     unknown = sorted(t for t in used if t not in known and not Path(t).is_dir())
     if unknown: raise ValueError(f"unknown target(s) {unknown} for the {profile} profile; known: {', '.join(known)} "
@@ -167,7 +177,7 @@ def plan_overrides(cfg: PlanConfig) -> dict:
 
 # %% ../nbs/10_reproduce.ipynb #b5efb11c
 class Result(NamedTuple):
-    "One scored sample set: (target, run label map, guidance mode, weight, sampler steps, seed, t_max, sampler)."
+    "One scored sample set: (target, run label map, guidance mode, weight, sampler steps, seed, t_max, sampler, few-shot)."
     target: str
     method: str
     mode: str
@@ -176,9 +186,13 @@ class Result(NamedTuple):
     seed: int
     t_max: int = 1000
     sampler: str = "ddpm"
+    shots: int = 0                            # > 0: a few-shot run on that many images per class
+    ant: bool = False                         # ANT training (similarity-guided target, adversarial noise)
 
     @property
-    def run(self) -> str: return run_name(self.method, self.seed, 0, self.t_max)
+    def run(self) -> str:
+        tag = ("-ant" if self.ant else "") + (f"-{self.shots}shot" if self.shots else "")
+        return run_name(self.method + tag, self.seed, 0, self.t_max)
     @property
     def name(self) -> str: return sample_name(self.mode, self.w, self.steps, self.seed, self.sampler)
     def run_dir(self, cfg) -> str: return f"{cfg.runs_root}/{Path(self.target).name}/{self.run}"
@@ -216,6 +230,15 @@ def fig3_results(cfg) -> dict:
     out = {(w, s): _result(cfg, t, ("wat", "clr"), s, w=w) for w in cfg.clr_scales for s in cfg.seeds}
     return out | {("CFG", s): _result(cfg, t, "CFG", s) for s in cfg.seeds}
 
+# the few-shot table: column label -> (fine-tuning label map, sampling mode, ANT training)
+FEWSHOT_METHODS = {"fine-tune": ("identity", "cfg", False), "ANT": ("identity", "cfg", True),
+                   "WAT": ("wat", "clr", False), "WAT + ANT": ("wat", "clr", True)}
+
+def fewshot_results(cfg) -> dict:
+    "Few-shot table: {(target, method label, seed): Result} of `cfg.shots`-shot runs for plain fine-tuning, ANT, WAT, both."
+    return {(t, m, s): _result(cfg, t, (lm, mode), s)._replace(shots=cfg.shots, ant=ant)
+            for t in cfg.fewshot_targets for m, (lm, mode, ant) in FEWSHOT_METHODS.items() for s in cfg.seeds}
+
 # the paper notebooks of the transfer results: name -> (results, files written under out_dir, reads sample images)
 ARTEFACTS = {
     "table1_2_transfer": (table12_results, ("table1_transfer.md", "table2_transfer.md", "table1_2_values.csv"), False),
@@ -223,6 +246,7 @@ ARTEFACTS = {
     "table4_sampling_steps": (table4_results, ("table4_sampling_steps.md", "table4_values.csv"), False),
     "fig2_hybrid": (fig2_results, ("fig2_hybrid.png", "fig2_hybrid.pdf"), True),
     "fig3_clr_scale": (fig3_results, ("fig3_clr_scale.png", "fig3_clr_values.csv"), False),
+    "table_fewshot": (fewshot_results, ("table_fewshot.md", "table_fewshot_values.csv", "fig_fewshot.png"), True),
 }
 
 # %% ../nbs/10_reproduce.ipynb #e84eb8db
@@ -343,6 +367,8 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
     def train(r: Result) -> str:
         p = dict(dataset=r.target, method=r.method, seed=r.seed, t_min=0, t_max=r.t_max, out_root=R, **cfg.train, **src)
         if cfg.finetune_steps: p["steps"] = cfg.finetune_steps
+        if r.shots: p |= dict(shots=r.shots, steps=cfg.fewshot_steps)
+        if r.ant: p |= dict(cfg.ant, ant=True)
         return add(f"train/{Path(r.target).name}/{r.run}", "nbs/train.ipynb", p, run_finished, pre,
                    outputs=(r.run_dir(cfg),))
 
@@ -461,10 +487,22 @@ def _why(e: BaseException) -> str:
     if hasattr(e, "ename"): return f"{e.ename}: {str(getattr(e, 'evalue', '')).strip()[:500]}"
     return f"{type(e).__name__}: {str(e).strip()[:500]}"
 
+def _run_step(s: Step, root: Path, kernel: str):
+    "Execute one step and check it; None on success, else the reason."
+    try:
+        check_params([s], root)
+        _execute(s, root, kernel)
+        if s.kind == "artefact": write_stamp(s, root)
+        if not s.check(s, root): raise RuntimeError("the notebook finished but the step's check still fails")
+    except Exception as e:                     # noqa: BLE001 -- any failure of a step stops the plan with its log
+        return _why(e)
+    return None
+
 def run_plan(steps: list[Step], root=None, only: str | None = None, dry_run: bool = False, kernel: str = "python3",
-             progress: bool = True, echo: Callable = print) -> dict:
-    "Run `steps` in order: skip the done ones, execute the rest with papermill, stop at the first failure; a summary."
+             progress: bool = True, echo: Callable = print, jobs: int = 1) -> dict:
+    "Run `steps`: skip the done ones, execute the rest with papermill (`jobs` at once), stop at the first failure."
     root, t0 = Path(root or repo_root()).resolve(), time.time()
+    if int(jobs) < 1: raise ValueError(f"jobs must be >= 1, got {jobs}")
     steps = select(steps, only)
     seen = set()
     for s in steps:
@@ -472,37 +510,52 @@ def run_plan(steps: list[Step], root=None, only: str | None = None, dry_run: boo
         late = [d for d in s.deps if d not in seen]
         if late: raise ValueError(f"step {s.name!r} depends on {late}, which do not come before it")
         seen.add(s.name)
-    out = dict(done=[], skipped=[], failed=[], todo=[], log=None)
-    bar = tqdm(steps, desc="reproduce", unit="step", disable=not progress or dry_run, file=sys.stdout)
-    for s in bar:
-        bar.set_postfix_str(s.name[-60:])
-        if s.check(s, root):
-            out["skipped"].append(s.name)
-            if dry_run: bar.write(f"done    {s.name}")
-            continue
-        if dry_run:
-            out["todo"].append(s.name)
-            bar.write(f"to run  {s.name}  <- {s.notebook} " + " ".join(f"{k}={v}" for k, v in s.params.items()))
-            continue
-        t1 = time.time()
-        try:
-            check_params([s], root)
-            _execute(s, root, kernel)
-            if s.kind == "artefact": write_stamp(s, root)
-            if not s.check(s, root): raise RuntimeError("the notebook finished but the step's check still fails")
-        except Exception as e:                 # noqa: BLE001 -- any failure of a step stops the plan with its log
-            out["failed"].append(s.name); out["log"] = str(root / s.log)
-            bar.write(f"FAILED  {s.name} after {time.time() - t1:.0f} s: {_why(e)}\n        log: {root / s.log}")
-            break
-        out["done"].append(s.name)
-        bar.write(f"ran     {s.name} in {time.time() - t1:.1f} s")
-    bar.close()
-    out["not_run"] = len(steps) - len(out["done"]) - len(out["skipped"]) - len(out["failed"]) - len(out["todo"])
+    threads = jobs > 1 and not dry_run and "OMP_NUM_THREADS" not in os.environ  # kernels inherit the environment
+    if threads: os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(jobs)))
+    try: out = _walk(steps, root, dry_run, kernel, progress, int(jobs))
+    finally:
+        if threads: os.environ.pop("OMP_NUM_THREADS", None)
     out["wall_s"] = round(time.time() - t0, 2)
     word = "would run" if dry_run else "done"
     echo(f"reproduce: {len(out['todo']) if dry_run else len(out['done'])} {word}, {len(out['skipped'])} skipped "
          f"(already done), {len(out['failed'])} failed, {out['not_run']} not run; {out['wall_s']:.1f} s"
          + (f"\nfailed step {out['failed'][0]}; its log: {out['log']}" if out["failed"] else ""))
+    return out
+
+def _walk(steps, root, dry_run, kernel, progress, jobs) -> dict:
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    out = dict(done=[], skipped=[], failed=[], todo=[], log=None)
+    ok, pending, running, started = set(), list(steps), {}, {}
+    bar = tqdm(total=len(steps), desc="reproduce", unit="step", disable=not progress or dry_run, file=sys.stdout)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            i = 0
+            while not out["failed"] and len(running) < jobs and i < len(pending):
+                s = pending[i]
+                if not all(d in ok for d in s.deps): i += 1; continue   # waits for a running dependency
+                pending.pop(i)
+                if s.check(s, root):
+                    out["skipped"].append(s.name); ok.add(s.name); bar.update(1)
+                    if dry_run: bar.write(f"done    {s.name}")
+                elif dry_run:
+                    out["todo"].append(s.name); ok.add(s.name)
+                    bar.write(f"to run  {s.name}  <- {s.notebook} " + " ".join(f"{k}={v}" for k, v in s.params.items()))
+                else:
+                    running[pool.submit(_run_step, s, root, kernel)] = s; started[s.name] = time.time()
+                    bar.set_postfix_str(", ".join(r.name[-40:] for r in running.values()))
+            if not running: break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                s, why = running.pop(f), f.result()
+                took = time.time() - started[s.name]
+                bar.update(1)
+                if why is None:
+                    out["done"].append(s.name); ok.add(s.name); bar.write(f"ran     {s.name} in {took:.1f} s")
+                else:
+                    out["failed"].append(s.name); out["log"] = out["log"] or str(root / s.log)
+                    bar.write(f"FAILED  {s.name} after {took:.0f} s: {why}\n        log: {root / s.log}")
+    bar.close()
+    out["not_run"] = len(steps) - len(out["done"]) - len(out["skipped"]) - len(out["failed"]) - len(out["todo"])
     return out
 
 # %% ../nbs/10_reproduce.ipynb #920dea46
@@ -552,7 +605,7 @@ def parse_knobs(pairs) -> dict:
     return out
 
 def main(argv=None) -> int:
-    "The command line: python -m wat_nb.reproduce [--profile mini|paper] [--smoke] [--dry-run] [--only PATTERN]."
+    "The command line: python -m wat_nb.reproduce [--profile mini|paper] [--smoke] [--dry-run] [--only PATTERN] [--jobs N]."
     ap = argparse.ArgumentParser(prog="python -m wat_nb.reproduce",
                                  description="Run every experiment, table and figure of the paper, skipping what is done.")
     ap.add_argument("--profile", choices=PROFILES, default="mini", help="mini (CPU, default) or paper (GPU, DiT-XL/2)")
@@ -560,6 +613,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list the steps and whether each is done; run nothing")
     ap.add_argument("--only", metavar="PATTERN", help="comma-separated fnmatch patterns on step names (their "
                     "dependencies are kept), e.g. 'paper/table4*' or '*shapes-near*'")
+    ap.add_argument("--jobs", type=int, default=1, metavar="N", help="independent steps run at once (default 1; "
+                    "the mini profile on 2 cores: 2)")
     ap.add_argument("--set", metavar="KNOB=VALUE", action="append", default=[], dest="knobs",
                     help="override a knob of wat_nb.reproduce.PlanConfig (repeatable)")
     args = ap.parse_args(argv)
@@ -569,7 +624,8 @@ def main(argv=None) -> int:
         check_params(steps)
     except ValueError as e:
         ap.error(str(e))
-    res = run_plan(steps, dry_run=args.dry_run)
+    if args.jobs < 1: ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    res = run_plan(steps, dry_run=args.dry_run, jobs=args.jobs)
     return 1 if res["failed"] else 0
 
 if __name__ == "__main__" and "ipykernel" not in sys.modules:
