@@ -31,8 +31,8 @@ __all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'SCORES', 'EXTRA_OUTP
            'plan_config', 'plan_overrides', 'Result', 'table12_results', 'table3_results', 'table4_results',
            'fig2_results', 'fig3_results', 'fewshot_results', 'Step', 'outputs_exist', 'fingerprint', 'stamp_fresh',
            'write_stamp', 'run_finished', 'samples_complete', 'metrics_complete', 'pretrained_ready', 'build_plan',
-           'check_params', 'driver_command', 'require_files', 'read_metrics', 'mean_sd', 'write_fake_results', 'select',
-           'run_plan', 'fake_plan', 'parse_knobs', 'main']
+           'check_params', 'driver_command', 'require_files', 'read_metrics', 'mean_sd', 'write_fake_results',
+           'run_label_lookup', 'target_labels', 'select', 'run_plan', 'fake_plan', 'parse_knobs', 'main']
 
 # %% ../nbs/10_reproduce.ipynb #127a44e7
 def run_name(method: str, seed: int, t_min: int = 0, t_max: int = 1000) -> str:
@@ -458,11 +458,32 @@ def write_fake_results(cfg: PlanConfig, root, seed: int = 0, image_size: int = 1
             path = root / r.metrics(cfg); path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(m)); n += 1
             if images:
-                k = max(cfg.n_per_class, 1) * classes
-                imgs = rng.integers(0, 256, (k, image_size, image_size, 3), dtype=np.uint8)
-                np.savez(root / r.samples(cfg), images=imgs, labels=np.repeat(np.arange(classes), k // classes),
+                # a run state with the label lookup of nbs/train.ipynb: identity, or (WAT) target j -> source 2j + 1,
+                # so readers that map sample labels back to target classes are checked on a non-trivial lookup
+                lut = [2 * j + 1 if r.method == "wat" else j for j in range(classes)]
+                ck = root / r.run_dir(cfg) / "checkpoints" / "fake"; ck.mkdir(parents=True, exist_ok=True)
+                (ck / "state.json").write_text(json.dumps(dict(step=0, label_lookup=lut)))
+                (root / r.run_dir(cfg) / "latest").write_text("checkpoints/fake")
+                k = max(cfg.n_per_class, 1)
+                imgs = rng.integers(0, 256, (k * classes, image_size, image_size, 3), dtype=np.uint8)
+                np.savez(root / r.samples(cfg), images=imgs, labels=np.repeat(lut, k),
                          params=np.array(json.dumps(dict(mode=r.mode, w=r.w, steps=r.steps))))
     return n
+
+def run_label_lookup(run_dir) -> list:
+    "Target class j -> the label the run's model was trained with (its sample sets are labelled by the latter)."
+    from wat_nb.finetune import latest_checkpoint
+    ck = latest_checkpoint(run_dir)
+    if ck is None: raise FileNotFoundError(f"no checkpoint in {run_dir}: its label lookup is unknown")
+    return [int(v) for v in json.loads((ck / "state.json").read_text())["label_lookup"]]
+
+def target_labels(model_labels, lookup) -> np.ndarray:
+    "Sample labels (model labels) -> target class ids through `lookup` (target j -> model label); unknown labels fail."
+    inv = {int(v): j for j, v in enumerate(lookup)}
+    if len(inv) != len(lookup): raise ValueError(f"the label lookup {lookup} maps two target classes to one label")
+    bad = sorted({int(y) for y in np.asarray(model_labels).ravel()} - set(inv))
+    if bad: raise ValueError(f"sample labels {bad[:8]} are not in the run's label lookup {lookup}")
+    return np.array([inv[int(y)] for y in np.asarray(model_labels).ravel()], dtype=np.int64)
 
 # %% ../nbs/10_reproduce.ipynb #8f0d33ec
 def select(steps: list[Step], only: str | None) -> list[Step]:
