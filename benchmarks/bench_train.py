@@ -6,6 +6,9 @@ batch. Each measurement runs in its own process (so `ru_maxrss` is its own peak)
 fp32 and bf16. Prints numbers; not a test.
 
     .venv/bin/python benchmarks/bench_train.py [--steps 30] [--warmup 5] [--reps 2] [--precisions no bf16]
+
+It then runs the loop once more on two processes through `accelerate launch --multi_gpu --num_processes 2` (gloo
+on a CPU, one thread per process, the same global batch) next to one process, unless `--no-two-processes`.
 """
 import argparse
 import json
@@ -87,13 +90,26 @@ def child_loop(precision: str, steps: int, warmup: int, batch: int) -> dict:
                 threads=torch.get_num_threads())
 
 
-def run_child(mode, precision, steps, warmup, batch, threads=None) -> dict:
-    cmd = [sys.executable, __file__, '--child', mode, '--precision', precision, '--steps', str(steps),
-           '--warmup', str(warmup), '--batch', str(batch)]
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def run_child(mode, precision, steps, warmup, batch, threads=None, processes=1) -> dict:
+    "One measurement in fresh process(es); with `processes` > 1, through `accelerate launch` (rank 0's timing)."
+    args = [__file__, '--child', mode, '--precision', precision, '--steps', str(steps), '--warmup', str(warmup),
+            '--batch', str(batch)]
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', str(processes),
+              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+              '--main_process_port', str(_free_port())] if processes > 1 else [sys.executable]
     env = dict(os.environ, **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    r = subprocess.run(launch + args, cwd=REPO, capture_output=True, text=True, env=env)
     if r.returncode: raise RuntimeError(f"{mode} {precision} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    outs = sorted((json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')), key=lambda o: o['rank'])
+    if len(outs) != processes or {o['world'] for o in outs} != {processes}:
+        raise RuntimeError(f"expected {processes} process(es), got {[(o['rank'], o['world']) for o in outs]}")
+    return dict(outs[0], peak_rss_mb=sum(o['peak_rss_mb'] for o in outs))
 
 
 def main():
@@ -106,11 +122,15 @@ def main():
     p.add_argument('--batch', type=int, default=32)
     p.add_argument('--reps', type=int, default=2)
     p.add_argument('--threads', type=int, default=None, help='OMP_NUM_THREADS of the measured processes (default: torch\'s)')
+    p.add_argument('--no-two-processes', dest='two', action='store_false', help='skip the two-process comparison')
     a = p.parse_args()
     if a.child:
         out = (child_bare if a.child == 'bare' else child_loop)(a.precision, a.steps, a.warmup, a.batch)
-        out['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(out)); return
+        from accelerate.state import PartialState
+        st = PartialState()
+        out |= dict(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rank=st.process_index,
+                    world=st.num_processes)
+        print(json.dumps(out), flush=True); return
     import torch
     from wat_nb.models import build_dit
     m = build_dit('mini', 32)
@@ -141,6 +161,14 @@ def main():
               f"{l[0]['ckpt_every']} steps (the mini preset's ckpt_every)")
     print("(medians over reps; the loop includes data loading, label map + dropout, EMA, loss syncs, CSV log, "
           "progress bar and amortised checkpoints)")
+    if not a.two: return
+    prec = a.precisions[-1]
+    print(f"\nthe loop ({prec}, global batch {a.batch}) on one process vs two (accelerate launch, gloo, 1 thread each):")
+    for procs, threads in ((1, a.threads), (2, 1)):
+        rs = [run_child('loop', prec, a.steps, a.warmup, a.batch, threads, procs) for _ in range(a.reps)]
+        print(f"  {procs} process(es) x {threads or torch.get_num_threads()} thread(s): "
+              f"{med(rs, 'images_per_s'):7.1f} images/s, peak RSS {max(r['peak_rss_mb'] for r in rs):.0f} MB "
+              f"(all processes)", flush=True)
 
 
 if __name__ == '__main__':

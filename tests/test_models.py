@@ -285,7 +285,7 @@ def test_committed_mini_weights_load_and_draw_their_classes(monkeypatch):
     assert model.config.num_embeds_ada_norm == 32 and model.config.sample_size == 16 and is_tied(model)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     torch.manual_seed(0)
-    judge, acc = train_recognizer("shapes", image_size=16, epochs=4, cache=False, progress=False)
+    judge, acc = train_recognizer("shapes", image_size=16, epochs=4, progress=False)  # the cached one of 08a, if made
     assert acc > 0.9
-    res = judge_model(model, judge, per_class=2, steps=25, factors=shapes_factors, progress=False)
+    res = judge_model(model, judge, per_class=1, steps=25, factors=shapes_factors, progress=False)  # 32 samples
     assert res["hue"] > 0.9 and res["overall"] > 0.5, {k: res[k] for k in ("overall", "shape", "hue")}

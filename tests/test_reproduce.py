@@ -12,7 +12,7 @@ import pytest
 
 from wat_nb.reports import repo_root
 from wat_nb.reproduce import (Step, build_plan, fake_plan, metrics_complete, plan_config, run_finished, run_plan,
-                              samples_complete)
+                              sample_set_done, samples_complete)
 
 ROOT = repo_root()
 WORKER = """
@@ -134,7 +134,6 @@ def test_completion_checks_of_the_entry_notebooks(tmp_path):
     plan = {s.name: s for s in build_plan(cfg)}
     train = plan["train/shapes-near/wat-t0-1000-s0"]
     sample = plan["sample/shapes-near/wat-t0-1000-s0/clr-w0.5-ddpm50-s0"]
-    evaluate = plan["evaluate/shapes-near/wat-t0-1000-s0/clr-w0.5-ddpm50-s0"]
     run = tmp_path / train.outputs[0]
     assert not run_finished(train, tmp_path)
     _fake_run(run, 3)
@@ -150,13 +149,15 @@ def test_completion_checks_of_the_entry_notebooks(tmp_path):
     os.utime(npz, (1, 1))                                         # older than the run's latest checkpoint
     assert not samples_complete(sample, tmp_path)
     os.utime(npz)
-    met = tmp_path / evaluate.outputs[0]
+    assert sample.check is sample_set_done and not sample_set_done(sample, tmp_path)  # samples, but no scores yet
+    met = tmp_path / sample.outputs[1]
+    assert met.name == "clr-w0.5-ddpm50-s0.metrics.json" and sample.params["metrics"] == cfg.metrics
     met.write_text(json.dumps(dict(fid=1.0, kid_mean=0.1, precision=0.5)))
-    assert not metrics_complete(evaluate, tmp_path)               # fd_mid was asked for
+    assert not metrics_complete(sample, tmp_path)                 # fd_mid was asked for
     met.write_text(json.dumps(dict(fid=1.0, kid_mean=0.1, precision=0.5, fd_mid=2.0)))
-    assert metrics_complete(evaluate, tmp_path)
+    assert metrics_complete(sample, tmp_path) and sample_set_done(sample, tmp_path)
     os.utime(met, (1, 1))                                         # older than its samples
-    assert not metrics_complete(evaluate, tmp_path)
+    assert not metrics_complete(sample, tmp_path) and not sample_set_done(sample, tmp_path)
 
 
 def test_paper_notebook_names_missing_results(tmp_path):

@@ -26,7 +26,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
 from threadpoolctl import threadpool_limits
 
-from .data import ImageDataset, ModelTransform, data_root, load_dataset
+from .data import ImageDataset, ModelTransform, data_root, load_dataset, profile_of
 from .reports import atomic_write_text, package_versions, provenance
 
 # %% auto #0
@@ -34,7 +34,7 @@ __all__ = ['CACHE_VERSION', 'LITE0_PACKAGES', 'MINI_EXTRACTOR', 'PAPER_EXTRACTOR
            'FEATURE_PACKAGES', 'to_uint8', 'UInt8Images', 'load_images', 'efficientnet_lite0',
            'FeatureExtractorEfficientNetLite0', 'register_extractors', 'fidelity_cache_root', 'extract_features',
            'fid_from_features', 'kid_from_features', 'prc_from_features', 'hub_files', 'require_weights',
-           'metrics_path', 'evaluate', 'feature_embedder']
+           'metrics_path', 'evaluate', 'score_sample_set', 'feature_embedder']
 
 # %% ../nbs/08_metrics.ipynb #d4104688
 CACHE_VERSION = 1  # bump when the preprocessing of a feature extractor changes: old cache entries stop matching
@@ -365,6 +365,16 @@ def evaluate(samples, reference, profile: str = "mini", metrics=("fid", "kid", "
         atomic_write_text(path, json.dumps(res, indent=2) + "\n")
         res["path"] = str(path)
     return res
+
+# %% ../nbs/08_metrics.ipynb #6f878681
+def score_sample_set(samples, dataset: str, metrics=("fid", "kid", "prc"), profile: str = "", batch_size: int = 64,
+                     seed: int = 0, max_per_class: int | None = None, **kw) -> dict:
+    """`evaluate` a sample set (.npz of `nbs/sample.ipynb`) against the test split of `dataset`, loaded at the samples'
+    resolution (at most `max_per_class` images per class); the profile follows from the dataset unless given."""
+    size = load_images(samples, "samples").shape[-1]
+    reference = load_dataset(dataset, split="test", image_size=size, max_per_class=max_per_class)
+    return evaluate(samples, reference, profile=profile or profile_of(dataset), metrics=metrics, batch_size=batch_size,
+                    seed=seed, **kw)
 
 # %% ../nbs/08_metrics.ipynb #be760d26
 def feature_embedder(profile: str = "mini", metric: str = "fid", batch_size: int = 64, cuda: bool | None = None):

@@ -30,9 +30,10 @@ __all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'SCORES', 'EXTRA_OUTP
            'FEWSHOT_METHODS', 'ARTEFACTS', 'FAKE_BODY', 'run_name', 'sample_name', 'notebook_parameters', 'PlanConfig',
            'plan_config', 'plan_overrides', 'Result', 'table12_results', 'table3_results', 'table4_results',
            'fig2_results', 'fig3_results', 'fewshot_results', 'Step', 'outputs_exist', 'fingerprint', 'stamp_fresh',
-           'write_stamp', 'run_finished', 'samples_complete', 'metrics_complete', 'pretrained_ready', 'build_plan',
-           'check_params', 'driver_command', 'require_files', 'read_metrics', 'mean_sd', 'write_fake_results',
-           'run_label_lookup', 'target_labels', 'select', 'run_plan', 'fake_plan', 'parse_knobs', 'main']
+           'write_stamp', 'run_finished', 'samples_complete', 'metrics_complete', 'sample_set_done', 'pretrained_ready',
+           'build_plan', 'check_params', 'driver_command', 'require_files', 'read_metrics', 'mean_sd',
+           'write_fake_results', 'run_label_lookup', 'target_labels', 'select', 'run_plan', 'fake_plan', 'parse_knobs',
+           'main']
 
 # %% ../nbs/10_reproduce.ipynb #127a44e7
 def run_name(method: str, seed: int, t_min: int = 0, t_max: int = 1000) -> str:
@@ -87,7 +88,7 @@ class PlanConfig:
     n_samples: int = 0                        # samples per target when n_per_class is 0 (paper: 10k)
     sample_batch_size: int = 64               # images per sampling batch
     weights: dict = field(default_factory=lambda: {"cfg": 0.5, "dog": 0.5, "clr": 0.5, "hybrid": 0.5})  # w per mode
-    metrics: str = "fid,kid,prc,fd_mid"       # what nbs/evaluate.ipynb computes (the tables read SCORES[profile])
+    metrics: str = "fid,kid,prc,fd_mid"       # what every sample step scores (the tables read SCORES[profile])
     short_t_max: int = 600                    # Table 3: fine-tuning timesteps drawn from [0, short_t_max)
     table3_targets: tuple = ("shapes-mid",)   # Table 3 rows
     table4_targets: tuple = ("shapes-mid",)   # Table 4 targets
@@ -329,13 +330,17 @@ def samples_complete(step: Step, root: Path) -> bool:
 _METRIC_KEYS = {"fid": "fid", "kid": "kid_mean", "prc": "precision", "fd_mid": "fd_mid", "fd_dinov2": "fd_dinov2"}
 
 def metrics_complete(step: Step, root: Path) -> bool:
-    "A metrics file (outputs[0]) with every requested score, newer than its samples (inputs[0])."
-    path, npz = Path(root) / step.outputs[0], Path(root) / step.inputs[0]
+    "A metrics file (outputs[1]) with every score in params['metrics'], newer than its samples (outputs[0])."
+    path, npz = Path(root) / step.outputs[1], Path(root) / step.outputs[0]
     if not path.is_file() or _mtime(path) < _mtime(npz): return False
     try: got = json.loads(path.read_text())
     except ValueError: return False
     wanted = [m.strip() for m in str(step.params.get("metrics", "fid")).split(",") if m.strip()]
     return all(_METRIC_KEYS.get(m, m) in got for m in wanted)
+
+def sample_set_done(step: Step, root: Path) -> bool:
+    "A sample step's samples (outputs[0]) and their scores (outputs[1]) are complete."
+    return samples_complete(step, root) and metrics_complete(step, root)
 
 def pretrained_ready(step: Step, root: Path) -> bool:
     "The profile's source model exists: the pretraining output or any folder `wat_nb.models.pretrained` searches."
@@ -373,14 +378,12 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
                    outputs=(r.run_dir(cfg),))
 
     def result(r: Result) -> str:
-        base = dict(dataset=r.target, run_name=r.run, runs_root=R)
-        p = dict(base, mode=r.mode, w=r.w, sampler=r.sampler, steps=r.steps, n_per_class=_n_per_class(cfg, r.target),
-                 seed=r.seed, batch_size=cfg.sample_batch_size, overwrite=True, **src)  # reached only when stale or missing
+        p = dict(dataset=r.target, run_name=r.run, runs_root=R, mode=r.mode, w=r.w, sampler=r.sampler, steps=r.steps,
+                 n_per_class=_n_per_class(cfg, r.target), seed=r.seed, batch_size=cfg.sample_batch_size,
+                 overwrite=True, metrics=cfg.metrics, **src)  # reached only when stale or missing
         if r.mode == "hybrid": p["t_switch"] = cfg.fig2_t_switch
-        where = f"{Path(r.target).name}/{r.run}/{r.name}"
-        s = add(f"sample/{where}", "nbs/sample.ipynb", p, samples_complete, (train(r),), outputs=(r.samples(cfg),))
-        return add(f"evaluate/{where}", "nbs/evaluate.ipynb", dict(base, name=r.name, metrics=cfg.metrics, seed=r.seed),
-                   metrics_complete, (s,), outputs=(r.metrics(cfg),), inputs=(r.samples(cfg),))
+        return add(f"sample/{Path(r.target).name}/{r.run}/{r.name}", "nbs/sample.ipynb", p, sample_set_done,
+                   (train(r),), outputs=(r.samples(cfg), r.metrics(cfg)))
 
     out_dir = cfg.out_dir or "figures"
     art = dict(profile=cfg.profile, smoke=cfg.smoke, overrides=json.dumps(plan_overrides(cfg), sort_keys=True))
