@@ -475,10 +475,9 @@ def write_fake_results(cfg: PlanConfig, root, seed: int = 0, image_size: int = 1
 
 def run_label_lookup(run_dir) -> list:
     "Target class j -> the label the run's model was trained with (its sample sets are labelled by the latter)."
-    from wat_nb.finetune import latest_checkpoint
-    ck = latest_checkpoint(run_dir)
-    if ck is None: raise FileNotFoundError(f"no checkpoint in {run_dir}: its label lookup is unknown")
-    return [int(v) for v in json.loads((ck / "state.json").read_text())["label_lookup"]]
+    state = _latest_state(Path(run_dir))
+    if state is None: raise FileNotFoundError(f"no checkpoint in {run_dir}: its label lookup is unknown")
+    return [int(v) for v in state["label_lookup"]]
 
 def target_labels(model_labels, lookup) -> np.ndarray:
     "Sample labels (model labels) -> target class ids through `lookup` (target j -> model label); unknown labels fail."
