@@ -247,12 +247,12 @@ def generate(finetuned, pretrained=None, labels=None, n_per_class: int | None = 
                   prior=None if prior is None else prior.describe(), finetuned=_fingerprint(finetuned),
                   pretrained=None if pretrained is None or mode in ('none', 'cfg') else _fingerprint(pretrained))
     out_dir = Path(out_dir); parts = out_dir / f'{name}.parts'; final = out_dir / f'{name}.npz'
-    if final.exists() and not overwrite:
+    if final.exists():
         old = load_samples(final)[2]
-        if old != params:
+        if old == params: return final              # made with these settings (and these weights) already
+        if not overwrite:
             raise ValueError(f"{final} holds samples with other parameters ({sorted(k for k in params if old.get(k) != params[k])}); "
                              f"pass overwrite=True or another name")
-        return final
     if parts.exists():
         old = json.loads((parts / 'params.json').read_text()) if (parts / 'params.json').exists() else None
         if old != params: shutil.rmtree(parts)  # finished parts of the same settings are kept, even with overwrite
