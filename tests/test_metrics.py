@@ -203,3 +203,25 @@ def test_paper_profile_runs_from_a_local_hub_folder(offline, monkeypatch, tmp_pa
     saved = json.loads((tmp_path / "paper.json").read_text())
     assert saved["feature_extractor"] == "inception-v3-compat" and saved["feature_spaces"]["fid"] == "inception-v3-compat/2048"
     assert abs(m["fid"]) < 1e-2 and m["precision"] == m["recall"] == 1.0  # the same images in another order
+
+
+class _Planted:
+    "Unpickling this object writes a file: it stands for a pickle someone left in a shared cache folder."
+    def __init__(self, flag): self.flag = str(flag)
+    def __reduce__(self): return (open, (self.flag, "w"))
+
+
+def test_feature_cache_is_safetensors_and_never_unpickles(real, tmp_path):
+    import pickle
+    key = M.load_images(real[:4]).key
+    flag = tmp_path / "unpickled"
+    for layer in ("1280", "112"):   # where torch-fidelity's own cache would look for this input
+        (tmp_path / f"{key}-{M.MINI_EXTRACTOR}-features-{layer}.pt").write_bytes(pickle.dumps(_Planted(flag)))
+    f = M.extract_features(real[:4], layers=["1280", "112"], cache_root=tmp_path, verbose=False)
+    assert not flag.exists(), "a pickle in the cache folder was loaded"
+    path = M.feature_cache_path(key, M.MINI_EXTRACTOR, "1280", tmp_path)
+    from safetensors.torch import load_file
+    torch.testing.assert_close(load_file(str(path))["features"], f["1280"])
+    again = M.extract_features(real[:4], layers=["1280"], cache_root=tmp_path, verbose=False)["1280"]
+    torch.testing.assert_close(again, f["1280"])   # read back from the safetensors entry
+    assert f["112"].shape == (4, 112) and not flag.exists()

@@ -23,18 +23,19 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id
+from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_limits
 
 from .data import ImageDataset, ModelTransform, data_root, load_dataset, profile_of
-from .reports import atomic_write_text, package_versions, provenance
+from .reports import atomic_write, atomic_write_text, package_versions, provenance
 
 # %% auto #0
 __all__ = ['CACHE_VERSION', 'LITE0_PACKAGES', 'MINI_EXTRACTOR', 'PAPER_EXTRACTOR', 'DINOV2_EXTRACTOR', 'DINOV2_REPO', 'PROFILES',
            'FEATURE_PACKAGES', 'to_uint8', 'UInt8Images', 'load_images', 'efficientnet_lite0',
-           'FeatureExtractorEfficientNetLite0', 'register_extractors', 'fidelity_cache_root', 'extract_features',
-           'fid_from_features', 'kid_from_features', 'prc_from_features', 'hub_files', 'require_weights',
-           'metrics_path', 'evaluate', 'score_sample_set', 'feature_embedder']
+           'FeatureExtractorEfficientNetLite0', 'register_extractors', 'fidelity_cache_root', 'feature_cache_path',
+           'extract_features', 'fid_from_features', 'kid_from_features', 'prc_from_features', 'hub_files',
+           'require_weights', 'metrics_path', 'evaluate', 'score_sample_set', 'feature_embedder']
 
 # %% ../nbs/08_metrics.ipynb #d4104688
 CACHE_VERSION = 1  # bump when the preprocessing of a feature extractor changes: old cache entries stop matching
@@ -205,7 +206,7 @@ def register_extractors() -> list[str]:
 
 # %% ../nbs/08_metrics.ipynb #c4b4069c
 def fidelity_cache_root(cache_root=None) -> Path:
-    "Where torch-fidelity keeps features and statistics: `cache_root`, else `data_root()/fidelity_cache`."
+    "Where extracted features are cached: `cache_root`, else `data_root()/fidelity_cache`."
     return Path(cache_root).expanduser() if cache_root is not None else data_root() / "fidelity_cache"
 
 def _cuda(cuda) -> bool:
@@ -213,18 +214,36 @@ def _cuda(cuda) -> bool:
     if cuda and not torch.cuda.is_available(): raise ValueError("cuda=True but no CUDA device is available")
     return bool(cuda)
 
+def feature_cache_path(key: str, extractor: str, layer: str, cache_root=None) -> Path:
+    "The safetensors file holding the features of input `key` at `layer` of `extractor`."
+    return fidelity_cache_root(cache_root) / f"{key}-{extractor}-features-{layer}.safetensors"
+
+def _read_cached(path: Path, n: int) -> torch.Tensor | None:
+    "Features (n, D) from `path`, or None when it is missing, unreadable or of another length."
+    if not path.is_file(): return None
+    try: f = load_file(str(path))["features"]
+    except Exception: return None   # a torn or foreign file is recomputed, never trusted
+    return f if f.ndim == 2 and len(f) == n else None
+
 def extract_features(images, extractor: str = MINI_EXTRACTOR, layers=("1280",), batch_size: int = 64,
                      cuda: bool | None = None, cache: bool = True, cache_root=None, verbose: bool = True) -> dict:
     "Features {layer: float32 (N, D)} of `images` (anything `load_images` takes) by a torch-fidelity extractor."
     register_extractors()
     ds, cuda = load_images(images), _cuda(cuda)
     layers = [str(l) for l in ([layers] if isinstance(layers, str) else layers)]
-    kw = dict(cuda=cuda, batch_size=int(batch_size), verbose=bool(verbose), cache=bool(cache and ds.key),
-              cache_root=str(fidelity_cache_root(cache_root)), input1=ds, input1_cache_name=ds.key if cache else None,
-              save_cpu_ram=ds.images is not None or not cuda)  # DataLoader workers only to decode files for a GPU
-    fe = create_feature_extractor(extractor, layers, **kw)
-    feats = extract_featuresdict_from_input_id_cached(1, fe, **kw)
-    return {k: feats[k].float().cpu() for k in layers}
+    use_cache = bool(cache and ds.key)
+    paths = {l: feature_cache_path(ds.key, extractor, l, cache_root) for l in layers} if use_cache else {}
+    out = {l: f for l in paths if (f := _read_cached(paths[l], len(ds))) is not None}
+    todo = [l for l in layers if l not in out]
+    if todo:   # one pass of torch-fidelity's loop for every missing layer, past its own (pickle) cache
+        kw = dict(cuda=cuda, batch_size=int(batch_size), verbose=bool(verbose), cache=False, input1=ds,
+                  save_cpu_ram=ds.images is not None or not cuda)  # DataLoader workers only to decode files for a GPU
+        fe = create_feature_extractor(extractor, todo, **kw)
+        feats = extract_featuresdict_from_input_id(1, fe, **kw)
+        for l in todo:
+            out[l] = feats[l].float().cpu().contiguous()
+            if use_cache: atomic_write(paths[l], lambda tmp, f=out[l]: save_file({"features": f}, tmp))
+    return {l: out[l].float() for l in layers}
 
 # %% ../nbs/08_metrics.ipynb #6a17d0b6
 def fid_from_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
