@@ -215,11 +215,10 @@ def draw_source_samples(sample_fn, class_ids, m: int, seed: int = 0, classes_per
     return torch.cat(out)  # (K, m, ...)
 
 # %% ../nbs/05_matching.ipynb #ce69ff2f
-def source_cache_name(model, m: int, w: float, steps: int, seed: int, sampler: str = 'ddim', bf16: bool = False) -> str:
-    "File name of the cached source samples of `model` (content hash), m per class, CFG weight w, sampler, seed, precision."
+def source_cache_name(model, m: int, w: float, steps: int, seed: int, sampler: str = 'ddim') -> str:
+    "File name of the cached source samples of `model` (content hash), m per class, CFG weight w, sampler, seed."
     from wat_nb.sampling import _fingerprint    # imported here: sampling builds on this module's neighbours
-    prec = '-bf16' if bf16 else ''
-    return f'source-{_fingerprint(model)}-m{int(m)}-w{float(w):g}-{sampler}{int(steps)}-seed{int(seed)}{prec}.npz'
+    return f'source-{_fingerprint(model)}-m{int(m)}-w{float(w):g}-{sampler}{int(steps)}-seed{int(seed)}.npz'
 
 def cached_source_samples(sample_fn, class_ids, m: int, seed: int = 0, path=None, progress: bool = True) -> torch.Tensor:
     "`draw_source_samples(sample_fn, class_ids, m, seed=1000 * seed)`, read from the .npz `path` if there, else saved there."

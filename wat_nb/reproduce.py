@@ -78,13 +78,13 @@ class PlanConfig:
     smoke: bool = False                       # the tiny CI setting (set by plan_config(smoke=True))
     targets: tuple = MINI_TARGETS             # target datasets: the rows of Tables 1-2
     seeds: tuple = (0, 1, 2)                  # one fine-tuning run and one sample set per seed; tables give mean ± sd
-    finetune_steps: int = 300                 # steps of every fine-tuning run; 0: the profile's preset (mini 2000, paper 24k)
+    finetune_steps: int = 400                 # steps of every fine-tuning run; 0: the profile's preset (mini 2000, paper 24k)
     train: dict = field(default_factory=dict)  # other nbs/train.ipynb parameters for every run (batch_size, lr, match_m, ...)
     pretrain: dict | None = field(default_factory=dict)  # nbs/pretrain.ipynb parameters; None: no pretraining step
     pretrained: str = ""                      # source model given to train/sample; empty: the profile's
     sampler: str = "ddpm"                     # ddpm or ddim
     sampling_steps: int = 50                  # sampler steps of every table but Table 4
-    n_per_class: int = 10                     # samples per target class; 0: ceil(n_samples / classes)
+    n_per_class: int = 12                     # samples per target class; 0: ceil(n_samples / classes)
     n_samples: int = 0                        # samples per target when n_per_class is 0 (paper: 10k)
     sample_batch_size: int = 64               # images per sampling batch
     weights: dict = field(default_factory=lambda: {"cfg": 0.5, "dog": 0.5, "clr": 0.5, "hybrid": 0.5})  # w per mode
@@ -100,7 +100,7 @@ class PlanConfig:
     fewshot_targets: tuple = ("shapes-mid",)  # few-shot table rows (ANT beside WAT)
     shots: int = 10                           # few-shot table: training images per class, drawn with the seed
     fewshot_steps: int = 300                  # few-shot table: fine-tuning steps of every run
-    ant: dict = field(default_factory=lambda: {"trainable": "difffit", "ant_noise_steps": 1,
+    ant: dict = field(default_factory=lambda: {"trainable": "difffit", "ant_noise_steps": 3,
                                                "ant_classifier_steps": 500})  # nbs/train.ipynb parameters of ANT runs
     extras: dict = field(default_factory=lambda: {"theorem2": {"dim": 64, "n_pairs": 8}, "fig1_trajectories": {},
                                                   "table_matching": {}})  # other paper notebooks -> parameters
