@@ -1,4 +1,4 @@
-"""Sampling throughput of each guidance mode on this CPU with the mini DiT preset (random weights).
+"""Sampling throughput of each guidance mode on this CPU with a mini model preset (random weights; `--model unet-mini`, the mini source model, or `mini`, the DiT).
 
 CFG runs one model on a doubled batch (cond + null); DoG and CLR run two different models on the batch each;
 hybrid with w > 0 runs CFG on whichever model is active. All four evaluate 2B samples per step; `none` (B per
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from wat_nb.models import build_dit  # noqa: E402
+from wat_nb.models import build_model  # noqa: E402
 from wat_nb.sampling import guided_eps, sample  # noqa: E402
 
 MODES = {  # mode: (w, model evaluations per image per step)
@@ -30,8 +30,9 @@ MODES = {  # mode: (w, model evaluations per image per step)
 
 def run(threads: int, a) -> dict:
     torch.set_num_threads(threads)
-    ft = build_dit('mini', 32, init='diffusers', seed=0).eval()
-    pre = build_dit('mini', 32, init='diffusers', seed=1).eval()
+    kw = dict(init='diffusers') if a.model in ('tiny', 'mini') else {}
+    ft = build_model(a.model, 32, seed=0, **kw).eval()
+    pre = build_model(a.model, 32, seed=1, **kw).eval()
     c, s = ft.config.in_channels, ft.config.sample_size
     labels = torch.arange(a.batch) % 32
     fns = {m: guided_eps(ft, pre, mode=m, w=w) for m, (w, _) in MODES.items()}
@@ -55,6 +56,7 @@ def run(threads: int, a) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='unet-mini', help='unet-mini (the mini source model) or mini (the DiT)')
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--steps', type=int, default=8)
     p.add_argument('--repeats', type=int, default=7)

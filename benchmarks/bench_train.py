@@ -1,4 +1,4 @@
-"""Training throughput of the mini preset on this machine: the whole `finetune` loop next to a bare step.
+"""Training throughput of the mini source model on this machine: the whole `finetune` loop next to a bare step.
 
 The loop is `wat_nb.finetune.finetune` with the mini preset (data loading, label map + dropout, EMA, loss sync,
 CSV log, progress bar and checkpoints); the bare step is forward + backward + AdamW of the same model on one fixed
@@ -25,10 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+MODEL = os.environ.get('WAT_NB_BENCH_MODEL', 'unet-mini')  # the model preset measured (set by --model)
+
+
 def _setup(num_classes=32, dataset='shapes'):
     from wat_nb.data import load_dataset
-    from wat_nb.models import build_dit
-    model = build_dit('mini', num_classes, seed=0)
+    from wat_nb.models import build_model
+    model = build_model(MODEL, num_classes, seed=0)
     ds = load_dataset(dataset, 'train', image_size=model.config.sample_size)
     return model, ds
 
@@ -103,7 +106,7 @@ def run_child(mode, precision, steps, warmup, batch, threads=None, processes=1) 
     launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', str(processes),
               '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
               '--main_process_port', str(_free_port())] if processes > 1 else [sys.executable]
-    env = dict(os.environ, **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
+    env = dict(os.environ, WAT_NB_BENCH_MODEL=MODEL, **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
     r = subprocess.run(launch + args, cwd=REPO, capture_output=True, text=True, env=env)
     if r.returncode: raise RuntimeError(f"{mode} {precision} failed:\n{r.stderr[-3000:]}")
     outs = sorted((json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')), key=lambda o: o['rank'])
@@ -121,6 +124,7 @@ def main():
     p.add_argument('--warmup', type=int, default=5)
     p.add_argument('--batch', type=int, default=32)
     p.add_argument('--reps', type=int, default=2)
+    p.add_argument('--model', default=MODEL, help='model preset of wat_nb.models: unet-mini (the mini source model) or mini (the DiT)')
     p.add_argument('--threads', type=int, default=None, help='OMP_NUM_THREADS of the measured processes (default: torch\'s)')
     p.add_argument('--no-two-processes', dest='two', action='store_false', help='skip the two-process comparison')
     a = p.parse_args()
@@ -131,12 +135,13 @@ def main():
         out |= dict(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rank=st.process_index,
                     world=st.num_processes)
         print(json.dumps(out), flush=True); return
+    global MODEL
+    MODEL = a.model
     import torch
-    from wat_nb.models import build_dit
-    m = build_dit('mini', 32)
-    print(f"mini preset: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, "
-          f"{m.config.sample_size}x{m.config.sample_size}x{m.config.in_channels}, patch {m.config.patch_size}, "
-          f"depth {m.config.num_layers}; batch {a.batch}; {a.steps} timed steps after {a.warmup}; "
+    from wat_nb.models import build_model
+    m = build_model(MODEL, 32)
+    print(f"{MODEL} ({type(m).__name__}): {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, "
+          f"{m.config.sample_size}x{m.config.sample_size}x{m.config.in_channels}; batch {a.batch}; {a.steps} timed steps after {a.warmup}; "
           f"torch {torch.__version__}, {a.threads or torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
     res = {}
     for prec in a.precisions:

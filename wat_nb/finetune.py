@@ -30,7 +30,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .ant import TRAINABLE, adversarial_noise, load_domain_classifier, similarity_target, trainable_subset
-from .models import _label_embedders, load_dit, null_label, save_dit, split_output
+from .models import _label_embedders, label_tables, load_dit, null_label, save_dit, set_label_table, split_output
 
 # %% auto #0
 __all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'LOG_FIELDS', 'FinetuneConfig', 'finetune_config', 'make_ema', 'scheduled_lr',
@@ -207,15 +207,12 @@ def diffusion_loss(out, x0, xt, noise, t, terms: dict, weights=None) -> tuple:
 # %% ../nbs/06_finetune.ipynb #957ae286
 def resize_label_table(model, num_classes: int, seed: int = 0):
     "Give `model` a fresh N(0, 0.02^2) label table of `num_classes` + 1 rows (null label last), in place."
-    emb = _label_embedders(model)
-    old = emb[0].embedding_table
+    old = label_tables(model)[0]
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(num_classes + 1, old.embedding_dim, generator=g) * 0.02
     table = torch.nn.Embedding(num_classes + 1, old.embedding_dim).to(old.weight)
     with torch.no_grad(): table.weight.copy_(w)
-    for e in emb: e.embedding_table, e.num_classes = table, num_classes
-    model.register_to_config(num_embeds_ada_norm=num_classes)
-    return model
+    return set_label_table(model, table)
 
 def label_lookup(label_map, num_target: int, num_model: int) -> torch.Tensor:
     "lut (k,) with lut[j] = the model label of target class j, for 'identity', 'reinit' or an explicit map."
@@ -248,7 +245,7 @@ def apply_label_map(model, label_map, num_target: int, seed: int = 0) -> torch.T
     "Check `label_map` against `model` (resizing its table for 'reinit') and return the lookup target -> model label."
     null_label(model)
     if isinstance(label_map, str) and label_map == 'reinit': resize_label_table(model, num_target, seed)
-    return label_lookup(label_map, num_target, model.config.num_embeds_ada_norm)
+    return label_lookup(label_map, num_target, null_label(model))
 
 # %% ../nbs/06_finetune.ipynb #597271b7
 def _generator(seed: int, *key: int) -> torch.Generator:

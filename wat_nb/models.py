@@ -5,20 +5,23 @@
 # %% ../nbs/03_models.ipynb #864f4b2e
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import warnings
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel, UNet2DModel
 from safetensors.torch import load_file, save_file
 
 from .codecs import resolve_pretrained
 
 # %% auto #0
-__all__ = ['PRESETS', 'ORIGINAL_FREQ_SHIFT', 'WEIGHTS_NAME', 'PAPER_SOURCE', 'preset_config', 'is_tied', 'tie_embedders',
-           'init_dit_', 'dit_kwargs', 'build_dit', 'null_label', 'split_output', 'save_dit', 'load_dit',
+__all__ = ['PRESETS', 'ORIGINAL_FREQ_SHIFT', 'UNET_PRESETS', 'WEIGHTS_NAME', 'PAPER_SOURCE', 'MINI_SOURCES', 'preset_config',
+           'is_tied', 'tie_embedders', 'init_dit_', 'dit_kwargs', 'build_dit', 'label_tables', 'set_label_table',
+           'null_label', 'split_output', 'unet_config', 'build_unet', 'build_model', 'save_dit', 'load_dit',
            'convert_original_dit', 'pretrained_candidates', 'pretrained']
 
 # %% ../nbs/03_models.ipynb #82e5702c
@@ -124,21 +127,43 @@ def build_dit(preset: str, num_classes: int, init: str = 'dit', seed: int | None
 
 # %% ../nbs/03_models.ipynb #6e26cc19
 def _label_embedders(model) -> list:
-    "The distinct LabelEmbedding modules of a DiT's blocks (one when the embedders are tied)."
+    "The distinct LabelEmbedding modules of a DiT's blocks (one when the embedders are tied); none for a UNet."
+    if not hasattr(model, 'transformer_blocks'): return []
     return list({id(b.norm1.emb.class_embedder): b.norm1.emb.class_embedder for b in model.transformer_blocks}.values())
 
+def label_tables(model) -> list:
+    "The distinct label tables (`nn.Embedding`, K + 1 rows) of a DiT or a class-conditional UNet."
+    if hasattr(model, 'transformer_blocks'):
+        return list({id(e.embedding_table): e.embedding_table for e in _label_embedders(model)}.values())
+    table = getattr(model, 'class_embedding', None)
+    return [table] if isinstance(table, torch.nn.Embedding) else []
+
+def set_label_table(model, table: torch.nn.Embedding):
+    "Make `table` (K + 1 rows, the null label last) the label table of `model`, a DiT or a UNet, and its config's K."
+    k = table.num_embeddings - 1
+    if hasattr(model, 'transformer_blocks'):
+        for e in _label_embedders(model): e.embedding_table, e.num_classes = table, k
+        model.register_to_config(num_embeds_ada_norm=k)
+    elif isinstance(getattr(model, 'class_embedding', None), torch.nn.Embedding):
+        model.class_embedding = table
+        model.register_to_config(num_class_embeds=k + 1)
+    else: raise ValueError(f"{type(model).__name__} has no label table to replace")
+    return model
+
 def null_label(model) -> int:
-    "The model's null (unconditional) label: its class count K (DiT: `config.num_embeds_ada_norm`), the table's last row."
+    "The null (unconditional) label: the class count K (DiT: `config.num_embeds_ada_norm`, UNet: `num_class_embeds` - 1)."
     cfg = getattr(model, 'config', None)
     get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
-    n = get('num_embeds_ada_norm') if get('num_embeds_ada_norm') is not None else get('num_classes')
+    n = get('num_embeds_ada_norm')
+    if n is None and get('num_class_embeds') is not None: n = get('num_class_embeds') - 1  # UNet: K + 1 rows
+    if n is None: n = get('num_classes')
     if n is None:
         raise ValueError(f"cannot tell the null label of {type(model).__name__}: its config has neither "
-                         f"num_embeds_ada_norm (diffusers DiT) nor num_classes")
-    if hasattr(model, 'transformer_blocks'):
-        tables = {e.embedding_table.num_embeddings for e in _label_embedders(model)}
+                         f"num_embeds_ada_norm (diffusers DiT), num_class_embeds (UNet) nor num_classes")
+    if hasattr(model, 'transformer_blocks') or hasattr(model, 'class_embedding'):
+        tables = {t.num_embeddings for t in label_tables(model)}
         if tables != {n + 1}:
-            raise ValueError(f"the label table has {sorted(tables)} rows but the config says {n} classes; a DiT for "
+            raise ValueError(f"the label table has {sorted(tables)} rows but the config says {n} classes; a model for "
                              f"classifier-free guidance has num_classes + 1 rows (the last is the null label)")
     return int(n)
 
@@ -150,6 +175,47 @@ def split_output(model, out) -> tuple:
     if out.shape[1] == c: return out, None
     if out.shape[1] == 2 * c: return out[:, :c], out[:, c:]
     raise ValueError(f"output has {out.shape[1]} channels; expected {c} or {2 * c} for {c} input channels")
+
+# %% ../nbs/03_models.ipynb #845821ac
+UNET_PRESETS = {
+    'unet-tiny': dict(sample_size=8, in_channels=3, channels=(16, 32), layers_per_block=1, attention=False),
+    'unet-mini': dict(sample_size=16, in_channels=3, channels=(64, 128, 128), layers_per_block=1, attention=False),
+}
+
+def unet_config(preset: str, **overrides) -> dict:
+    "The UNet preset's fields (sample_size, in_channels, channels, layers_per_block, attention) with `overrides`."
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"unknown UNet preset {preset!r}; known presets: {', '.join(UNET_PRESETS)}")
+    cfg = dict(UNET_PRESETS[preset])
+    bad = set(overrides) - set(cfg)
+    if bad: raise ValueError(f"unknown UNet field(s) {sorted(bad)}; overridable fields: {', '.join(cfg)}")
+    cfg.update(overrides)
+    cfg['channels'] = tuple(int(c) for c in cfg['channels'])
+    if not cfg['channels'] or min(cfg['channels']) < 8:
+        raise ValueError(f"channels must be a non-empty sequence of widths >= 8, got {cfg['channels']}")
+    if cfg['sample_size'] % 2 ** (len(cfg['channels']) - 1):
+        raise ValueError(f"sample_size {cfg['sample_size']} cannot be halved {len(cfg['channels']) - 1} times")
+    return cfg
+
+def build_unet(preset: str, num_classes: int, seed: int | None = None, **overrides):
+    "A class-conditional `UNet2DModel` from `UNET_PRESETS[preset]` with `overrides`; labels 0..num_classes-1, null = num_classes."
+    if num_classes < 1: raise ValueError(f"num_classes must be positive, got {num_classes}")
+    cfg = unet_config(preset, **overrides)
+    ch, last = cfg['channels'], 'AttnDownBlock2D' if cfg['attention'] else 'DownBlock2D'
+    down = ('DownBlock2D',) * (len(ch) - 1) + (last,)
+    up = ('AttnUpBlock2D' if cfg['attention'] else 'UpBlock2D',) + ('UpBlock2D',) * (len(ch) - 1)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None: torch.manual_seed(seed)
+        return UNet2DModel(sample_size=cfg['sample_size'], in_channels=cfg['in_channels'], out_channels=cfg['in_channels'],
+                           block_out_channels=ch, layers_per_block=cfg['layers_per_block'], down_block_types=down,
+                           up_block_types=up, num_class_embeds=num_classes + 1, resnet_time_scale_shift='scale_shift',
+                           norm_num_groups=math.gcd(32, *ch))
+
+def build_model(preset: str, num_classes: int, seed: int | None = None, **overrides):
+    "A DiT (`PRESETS`) or a UNet (`UNET_PRESETS`) by preset name; labels 0..num_classes-1, null = num_classes."
+    if preset in UNET_PRESETS: return build_unet(preset, num_classes, seed=seed, **overrides)
+    if preset in PRESETS: return build_dit(preset, num_classes, seed=seed, **overrides)
+    raise ValueError(f"unknown model preset {preset!r}; known: {', '.join([*PRESETS, *UNET_PRESETS])}")
 
 # %% ../nbs/03_models.ipynb #72c8c3af
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
@@ -173,13 +239,16 @@ _HUB_SUBFOLDERS = {'facebook/DiT-XL-2-256': 'transformer', 'facebook/DiT-XL-2-51
 
 def load_dit(source, subfolder: str | None = None, download: bool = False, device=None, dtype=None,
              mismatch: str = 'error', freq_shift: int | None = None):
-    "A tied DiT from a diffusers folder, a hub id (cache only unless `download`), or an original `.pt`/`.safetensors`."
+    "A tied DiT (or a saved UNet) from a diffusers folder, a hub id (cache only unless `download`), or an original `.pt`/`.safetensors`."
     p = Path(source)
     if p.is_file():
         shift = ORIGINAL_FREQ_SHIFT if freq_shift is None else freq_shift
         return convert_original_dit(p, freq_shift=shift).to(device=device, dtype=dtype)
     if subfolder is None and not p.is_dir(): subfolder = _HUB_SUBFOLDERS.get(str(source))
     where, kw = resolve_pretrained(source, subfolder=subfolder, download=download, what='DiT transformer')
+    conf = Path(where) / (subfolder or '') / 'config.json'
+    if conf.is_file() and json.loads(conf.read_text()).get('_class_name') == 'UNet2DModel':  # the mini stand-in
+        return UNet2DModel.from_pretrained(where, subfolder=subfolder, torch_dtype=dtype, **kw).to(device).eval()
     model = DiTTransformer2DModel.from_pretrained(where, subfolder=subfolder, torch_dtype=dtype, **kw)
     return tie_embedders(model, mismatch=mismatch, freq_shift=freq_shift).to(device).eval()
 
@@ -253,9 +322,14 @@ def convert_original_dit(state_dict_or_path, num_heads: int | None = None, freq_
 
 # %% ../nbs/03_models.ipynb #dc663cf2
 PAPER_SOURCE = 'facebook/DiT-XL-2-256'
+MINI_SOURCES = {  # the mini profile's source models, and how nbs/pretrain.ipynb makes each
+    'mini': 'papermill nbs/pretrain.ipynb runs/pretrain.ipynb',
+    'mini-dit': ('papermill nbs/pretrain.ipynb runs/pretrain-dit.ipynb -p preset mini -p steps 6000 '
+                 '-p output runs/pretrained/mini-dit'),
+}
 
 def pretrained_candidates(name: str = 'mini') -> list[Path]:
-    "Folders searched, in order, for the mini profile's pretrained model."
+    "Folders searched, in order, for a mini profile source model (`MINI_SOURCES`)."
     import wat_nb
     from wat_nb.reports import repo_root
     env = os.environ.get('WAT_NB_PRETRAINED')
@@ -263,13 +337,13 @@ def pretrained_candidates(name: str = 'mini') -> list[Path]:
                                                   repo_root() / 'runs' / 'pretrained' / name / 'model']
 
 def pretrained(name: str = 'mini', device=None, dtype=None, download: bool = False):
-    "The pretrained source DiT of a profile: 'mini' (trained by nbs/pretrain.ipynb) or 'paper' / a hub id / a path."
+    "The source model of a profile: 'mini' / 'mini-dit' (trained by nbs/pretrain.ipynb), 'paper', a hub id or a path."
     if name == 'paper': name = PAPER_SOURCE
-    if name != 'mini': return load_dit(name, download=download, device=device, dtype=dtype)
+    if name not in MINI_SOURCES: return load_dit(name, download=download, device=device, dtype=dtype)
     for d in pretrained_candidates(name):
         if (d / 'config.json').is_file():  # the committed weights are stored in fp16; compute in fp32 unless asked
             return load_dit(d, device=device, dtype=dtype or torch.float32)
     where = '\n  '.join(str(d) for d in pretrained_candidates(name))
-    raise FileNotFoundError(f"no pretrained mini model found; looked in\n  {where}\nTrain it with "
-                            f"`papermill nbs/pretrain.ipynb runs/pretrain.ipynb` (or set WAT_NB_PRETRAINED to a folder "
-                            f"holding mini/ in diffusers format).")
+    raise FileNotFoundError(f"no pretrained {name} model found; looked in\n  {where}\nTrain it with "
+                            f"`{MINI_SOURCES[name]}` (or set WAT_NB_PRETRAINED to a folder "
+                            f"holding {name}/ in diffusers format).")
