@@ -270,19 +270,22 @@ def test_split_output():
     with pytest.raises(ValueError, match='expected 3 or 6'): split_output(3, torch.zeros(2, 5, 4, 4))
 
 
-def test_committed_mini_weights_load_and_draw_their_classes(monkeypatch):
-    """The weights shipped in wat_nb/weights/mini: small enough to commit, fp32 on load, tied, and a real model:
-    its class-conditional samples are recognised far above chance (1/32) by a classifier trained on real shapes."""
+@pytest.mark.parametrize("name, kind", [("mini", "UNet2DModel"), ("mini-dit", "DiTTransformer2DModel")])
+def test_committed_mini_weights_load_and_draw_their_classes(monkeypatch, name, kind):
+    """The weights shipped in wat_nb/weights/<name>: small enough to commit, fp32 on load, the right backbone (a tied
+    DiT for mini-dit), and a real model: its class-conditional samples are recognised far above chance (1/32) by a
+    classifier trained on real shapes."""
     from pathlib import Path
     import wat_nb
-    from wat_nb.models import pretrained
+    from wat_nb.models import null_label, pretrained
     from wat_nb.recognition import judge_model, shapes_factors, train_recognizer
-    folder = Path(wat_nb.__file__).resolve().parent / "weights" / "mini"
+    folder = Path(wat_nb.__file__).resolve().parent / "weights" / name
     weights = folder / "diffusion_pytorch_model.safetensors"
     assert weights.is_file() and weights.stat().st_size <= 20 * 2**20
     monkeypatch.delenv("WAT_NB_PRETRAINED", raising=False)
-    model = pretrained("mini")
-    assert model.config.num_embeds_ada_norm == 32 and model.config.sample_size == 16 and is_tied(model)
+    model = pretrained(name)
+    assert type(model).__name__ == kind and null_label(model) == 32 and model.config.sample_size == 16
+    assert kind != "DiTTransformer2DModel" or is_tied(model)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     torch.manual_seed(0)
     judge, acc = train_recognizer("shapes", image_size=16, epochs=4, progress=False)  # the cached one of 08a, if made

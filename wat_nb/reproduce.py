@@ -140,7 +140,7 @@ PAPER_KNOBS = dict(pretrain=None, finetune_steps=0, n_per_class=0, n_samples=10_
                    ant={"trainable": "difffit", "ant_noise_steps": 10, "ant_classifier_steps": 1000}, extras={})
 SMOKE_KNOBS = dict(targets=("shapes-near",), seeds=(0,), finetune_steps=4,
                    train=dict(batch_size=8, match_m=2, match_steps=3, match_cap=8),
-                   pretrain=dict(preset="tiny", image_size=16, width=32, depth=2, heads=2, patch=2, steps=20,
+                   pretrain=dict(preset="unet-tiny", image_size=16, channels="16,32", steps=20,
                                  batch_size=16, warmup_steps=5, ckpt_every=20, judge_per_class=1,
                                  output="runs/smoke/pretrained/mini"),
                    pretrained="runs/smoke/pretrained/mini/model", sampling_steps=4, n_per_class=2,
