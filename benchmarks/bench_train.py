@@ -116,6 +116,7 @@ def run_child(mode, precision, steps, warmup, batch, threads=None, processes=1) 
 
 
 def main():
+    global MODEL
     p = argparse.ArgumentParser()
     p.add_argument('--child', choices=['bare', 'loop'])
     p.add_argument('--precision', default='no')
@@ -135,7 +136,6 @@ def main():
         out |= dict(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rank=st.process_index,
                     world=st.num_processes)
         print(json.dumps(out), flush=True); return
-    global MODEL
     MODEL = a.model
     import torch
     from wat_nb.models import build_model
