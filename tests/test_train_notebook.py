@@ -42,22 +42,23 @@ def test_wat_run_matches_then_finetunes(tmp_path, monkeypatch):
     run_dir = runs / "shapes-near" / "wat-t0-1000-s0"
     doc = json.loads((run_dir / "matching.json").read_text())
     sigma = doc["sigma"]
+    assert doc["params"]["space"] == "both"  # the mini profile's default
     assert len(sigma) == 10 and len(set(sigma)) == 10 and all(0 <= s < 32 for s in sigma)
     state = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())
     assert state["step"] == 4 and state["config"]["label_map"] == sigma
     assert read_log(run_dir)["step"].tolist()[-1] == 4 and (run_dir / "loss.png").is_file()
 
 
-def test_few_shot_ant_run_with_feature_space_matching(tmp_path, monkeypatch):
+def test_few_shot_ant_run_with_input_space_matching(tmp_path, monkeypatch):
     save_dit(build_dit("tiny", 32, seed=0, sample_size=16), tmp_path / "pre" / "mini")
     monkeypatch.setenv("WAT_NB_PRETRAINED", str(tmp_path / "pre"))
     runs = tmp_path / "runs"
     run(tmp_path, dataset="shapes-near", steps=2, batch_size=8, match_m=2, match_steps=2, match_cap=3, shots=3,
-        ant=True, ant_noise_steps=2, ant_classifier_steps=5, match_space="features", out_root=str(runs),
+        ant=True, ant_noise_steps=2, ant_classifier_steps=5, match_space="input", out_root=str(runs),
         mixed_precision="no")
     run_dir = runs / "shapes-near" / "wat-ant-3shot-t0-1000-s0"
     doc = json.loads((run_dir / "matching.json").read_text())
-    assert doc["params"]["space"] == "features" and len(set(doc["sigma"])) == 10
+    assert doc["params"]["space"] == "input" and len(set(doc["sigma"])) == 10
     cfg = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["config"]
     assert cfg["similarity_gamma"] == 5.0 and cfg["adv_noise_steps"] == 2 and cfg["label_map"] == doc["sigma"]
     assert Path(cfg["domain_classifier"]) == run_dir / "domain_classifier.safetensors"
@@ -67,4 +68,4 @@ def test_few_shot_ant_run_with_feature_space_matching(tmp_path, monkeypatch):
 def test_unknown_match_space_fails(tmp_path):
     with pytest.raises(pm.PapermillExecutionError) as e:
         run(tmp_path, match_space="dino", out_root=str(tmp_path / "runs"))
-    assert "unknown match_space 'dino'; known: input, features" in e.value.evalue
+    assert "unknown match_space 'dino'; known: input, features, both" in e.value.evalue

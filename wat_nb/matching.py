@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['as_class_list', 'subsample_class', 'group_by_class', 'emd2_uniform', 'sq_dists', 'class_cost_matrix', 'match_classes',
-           'draw_source_samples', 'source_cache_name', 'cached_source_samples', 'prefilter_sources', 'save_matching',
-           'load_matching', 'matching_label_map', 'matching_accuracy']
+           'joint_space', 'draw_source_samples', 'source_cache_name', 'cached_source_samples', 'prefilter_sources',
+           'save_matching', 'load_matching', 'matching_label_map', 'matching_accuracy']
 
 # %% ../nbs/05_matching.ipynb #e1e66aed
 import json
@@ -196,6 +196,21 @@ def match_classes(C, return_cost: bool = False):
     if not (np.allclose(P[sigma, np.arange(k)], 1) and len(np.unique(sigma)) == k):
         raise RuntimeError('the OT plan is not a (partial) permutation')
     return (sigma, float(C[sigma, np.arange(k)].sum())) if return_cost else sigma
+
+# %% ../nbs/05_matching.ipynb #09f98d0e
+def joint_space(*spaces) -> tuple[list, list]:
+    "Per-class (source, target) lists of several `(source, target)` spaces, concatenated; each block scaled by its source RMS norm."
+    if not spaces: raise ValueError('give at least one (source, target) pair of per-class point clouds')
+    srcs, tgts = [], []
+    for i, (src, tgt) in enumerate(spaces):
+        src, tgt = as_class_list(src), as_class_list(tgt)
+        if src[0].shape[1] != tgt[0].shape[1]:
+            raise ValueError(f'space {i}: source dimension {src[0].shape[1]} but target dimension {tgt[0].shape[1]}')
+        if srcs and ([len(s) for s in src] != [len(s) for s in srcs[0]] or [len(t) for t in tgt] != [len(t) for t in tgts[0]]):
+            raise ValueError(f'space {i} has other classes or points per class than space 0')
+        scale = torch.cat(src).pow(2).sum(1).mean().sqrt().clamp_min(1e-12)   # RMS norm of the source points
+        srcs.append([s / scale for s in src]); tgts.append([t / scale for t in tgt])
+    return [torch.cat(p, 1) for p in zip(*srcs)], [torch.cat(p, 1) for p in zip(*tgts)]
 
 # %% ../nbs/05_matching.ipynb #f0ea4e19
 def draw_source_samples(sample_fn, class_ids, m: int, seed: int = 0, classes_per_call: int = 8,

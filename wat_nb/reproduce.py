@@ -79,7 +79,9 @@ class PlanConfig:
     targets: tuple = MINI_TARGETS             # target datasets: the rows of Tables 1-2
     seeds: tuple = (0, 1, 2)                  # one fine-tuning run and one sample set per seed; tables give mean ± sd
     finetune_steps: int = 400                 # steps of every fine-tuning run; 0: the profile's preset (mini 2000, paper 24k)
-    train: dict = field(default_factory=dict)  # other nbs/train.ipynb parameters for every run (batch_size, lr, match_m, ...)
+    # other nbs/train.ipynb parameters for every run (batch_size, lr, ...); by default the paper's matching: W2 in the
+    # model's input space from 8 samples per source class (nbs/train.ipynb's mini default matches in both spaces)
+    train: dict = field(default_factory=lambda: {"match_space": "input", "match_m": 8})
     pretrain: dict | None = field(default_factory=dict)  # nbs/pretrain.ipynb parameters; None: no pretraining step
     pretrained: str = ""                      # source model given to train/sample; empty: the profile's
     sampler: str = "ddpm"                     # ddpm or ddim
@@ -397,11 +399,16 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
         deps, inputs = [], []
         if name == "table_matching" and cfg.pretrain is not None:
             deps, inputs = list(pre), [f"{cfg.pretrain.get('output', 'runs/pretrained/mini')}/model/*"]
-        if name == "fig1_trajectories":
-            t = params.get("class_target", "shapes-near")
-            if t in cfg.targets: deps = [train(_result(cfg, t, "WAT", cfg.seeds[0]))]
-            inputs = [f"{R}/{t}/wat-*/matching.json"]
         p = dict(params, **({"out_dir": cfg.out_dir} if cfg.out_dir else {}))
+        if name == "fig1_trajectories":  # panel (b): the matching of the first seed's Table 1 WAT run
+            t = params.get("class_target", "shapes-mid" if "shapes-mid" in cfg.targets else cfg.targets[0])
+            p.setdefault("class_target", t)
+            if t in cfg.targets:
+                r = _result(cfg, t, "WAT", cfg.seeds[0])
+                deps, inputs = [train(r)], [f"{r.run_dir(cfg)}/matching.json"]
+                p.setdefault("wat_run", r.run)
+            else:
+                inputs = [f"{R}/{t}/wat-*/matching.json"]
         if name in ("fig1_trajectories", "table_matching"): p.setdefault("runs_root", R)
         add(f"paper/{name}", f"nbs/paper/{name}.ipynb", p, stamp_fresh, deps,
             outputs=[f"{out_dir}/{o}" for o in EXTRA_OUTPUTS[name]], inputs=inputs, kind="artefact")
