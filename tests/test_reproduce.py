@@ -225,3 +225,13 @@ def test_one_job_runs_in_order(tmp_path):
     res = run_plan(steps, root=tmp_path, progress=False, echo=lambda *_: None, jobs=1)
     assert res["failed"] == ["pair/a"] and res["done"] == [] and res["not_run"] == 2
     assert not (tmp_path / "b.started").exists()      # b never started: one step at a time, and none after a failure
+
+
+def test_mini_plan_uses_the_papers_matching_and_figure1_reads_the_table1_run():
+    steps = {s.name: s for s in build_plan(plan_config())}
+    wat = steps["train/shapes-mid/wat-t0-1000-s0"]
+    assert wat.params["match_space"] == "input" and wat.params["match_m"] == 8
+    fig1 = steps["paper/fig1_trajectories"]
+    assert fig1.params["class_target"] == "shapes-mid" and fig1.params["wat_run"] == "wat-t0-1000-s0"
+    assert "train/shapes-mid/wat-t0-1000-s0" in fig1.deps
+    assert list(fig1.inputs) == ["runs/shapes-mid/wat-t0-1000-s0/matching.json"]
