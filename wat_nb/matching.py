@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['as_class_list', 'subsample_class', 'group_by_class', 'emd2_uniform', 'sq_dists', 'class_cost_matrix', 'match_classes',
            'joint_space', 'draw_source_samples', 'source_cache_name', 'cached_source_samples', 'prefilter_sources',
-           'save_matching', 'load_matching', 'matching_label_map', 'matching_accuracy']
+           'save_matching', 'load_matching', 'matching_label_map', 'matching_accuracy', 'source_class_names',
+           'matching_rows', 'matching_markdown', 'plot_matching', 'write_matching_report']
 
-# %% ../nbs/05_matching.ipynb #e1e66aed
+# %% ../nbs/05_matching.ipynb #e4b41135
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import torch
 from ot.lp.emd_wrap import emd_c
 from tqdm.auto import tqdm
 
-# %% ../nbs/05_matching.ipynb #15033a14
+# %% ../nbs/05_matching.ipynb #f0163f23
 def as_class_list(x) -> list:
     "Per-class point clouds as a list of float32 `(n_c, d)` tensors, from a list of arrays or a `(K, m, ...)` array."
     if isinstance(x, (np.ndarray, torch.Tensor)):
@@ -51,7 +52,7 @@ def subsample_class(n: int, cap: int | None, seed: int, cls: int) -> np.ndarray:
     if cap < 1: raise ValueError(f'max_per_class must be >= 1, got {cap}')
     return np.sort(np.random.default_rng([seed, cls]).choice(n, cap, replace=False))
 
-# %% ../nbs/05_matching.ipynb #68e7407b
+# %% ../nbs/05_matching.ipynb #155d3f66
 @torch.no_grad()
 def group_by_class(data, labels=None, num_classes: int | None = None, encode=None, embed=None,
                    max_per_class: int | None = None, seed: int = 0, batch_size: int = 256) -> list:
@@ -79,7 +80,7 @@ def group_by_class(data, labels=None, num_classes: int | None = None, encode=Non
         out.append(torch.cat(parts) if parts else torch.empty(0))
     return out
 
-# %% ../nbs/05_matching.ipynb #bab704b5
+# %% ../nbs/05_matching.ipynb #2b793d77
 @lru_cache(maxsize=None)
 def _int_marginals(m: int, n: int):
     g = math.gcd(m, n)
@@ -105,7 +106,7 @@ def sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     "Squared Euclidean distances $\\|x_a - y_b\\|^2$ of (m, d) and (n, d) float tensors by one GEMM, clamped at 0."
     return ((x * x).sum(1)[:, None] + (y * y).sum(1)[None] - 2 * x @ y.T).clamp_(min=0)  # (m, n)
 
-# %% ../nbs/05_matching.ipynb #38719bd3
+# %% ../nbs/05_matching.ipynb #b1a699e2
 def _exact_w2_sq(xs, ys, device, num_threads, block_bytes, progress):
     # Data moves through numpy, and torch is used only for the GEMM: on a busy machine, many small multi-threaded
     # torch ops (cat, indexing) spend most of their time waiting for each other.
@@ -179,7 +180,7 @@ def class_cost_matrix(source, target, cost: str = 'exact', max_per_class: int | 
     C2 = np.maximum(np.asarray(C2, dtype=np.float64), 0)
     return C2 if squared else np.sqrt(C2)
 
-# %% ../nbs/05_matching.ipynb #1833f3a6
+# %% ../nbs/05_matching.ipynb #fa1b809f
 def match_classes(C, return_cost: bool = False):
     "Target class j -> source class $\\sigma(j)$ minimising $\\sum_j C_{\\sigma(j) j}$ over injective $\\sigma$, by exact OT."
     C = np.asarray(C, dtype=np.float64)
@@ -197,7 +198,7 @@ def match_classes(C, return_cost: bool = False):
         raise RuntimeError('the OT plan is not a (partial) permutation')
     return (sigma, float(C[sigma, np.arange(k)].sum())) if return_cost else sigma
 
-# %% ../nbs/05_matching.ipynb #09f98d0e
+# %% ../nbs/05_matching.ipynb #88f2035e
 def joint_space(*spaces) -> tuple[list, list]:
     "Per-class (source, target) lists of several `(source, target)` spaces, concatenated; each block scaled by its source RMS norm."
     if not spaces: raise ValueError('give at least one (source, target) pair of per-class point clouds')
@@ -212,7 +213,7 @@ def joint_space(*spaces) -> tuple[list, list]:
         srcs.append([s / scale for s in src]); tgts.append([t / scale for t in tgt])
     return [torch.cat(p, 1) for p in zip(*srcs)], [torch.cat(p, 1) for p in zip(*tgts)]
 
-# %% ../nbs/05_matching.ipynb #f0ea4e19
+# %% ../nbs/05_matching.ipynb #f7c257a8
 def draw_source_samples(sample_fn, class_ids, m: int, seed: int = 0, classes_per_call: int = 8,
                         progress: bool = True) -> torch.Tensor:
     "`(len(class_ids), m, ...)` samples, `sample_fn(ids, m, seed)` called on chunks of `classes_per_call` class ids."
@@ -229,7 +230,7 @@ def draw_source_samples(sample_fn, class_ids, m: int, seed: int = 0, classes_per
         out.append(x.cpu())
     return torch.cat(out)  # (K, m, ...)
 
-# %% ../nbs/05_matching.ipynb #ce69ff2f
+# %% ../nbs/05_matching.ipynb #ce803fab
 def source_cache_name(model, m: int, w: float, steps: int, seed: int, sampler: str = 'ddim') -> str:
     "File name of the cached source samples of `model` (content hash), m per class, CFG weight w, sampler, seed."
     from wat_nb.sampling import _fingerprint    # imported here: sampling builds on this module's neighbours
@@ -251,7 +252,7 @@ def cached_source_samples(sample_fn, class_ids, m: int, seed: int = 0, path=None
         atomic_write(path, write)
     return x
 
-# %% ../nbs/05_matching.ipynb #2e344796
+# %% ../nbs/05_matching.ipynb #84962965
 def prefilter_sources(source, target, keep_per_target: int = 3, cost: str = 'mean') -> np.ndarray:
     "Sorted ids of the source classes among the `keep_per_target` nearest (by cheap `cost`) of any target class, at least k."
     if cost not in ('mean', 'bures'): raise ValueError(f"prefilter cost must be 'mean' or 'bures', got {cost!r}")
@@ -265,35 +266,35 @@ def prefilter_sources(source, target, keep_per_target: int = 3, cost: str = 'mea
         keep.update(order[depth].tolist()); depth += 1
     return np.array(sorted(keep))
 
-# %% ../nbs/05_matching.ipynb #534ed2ac
+# %% ../nbs/05_matching.ipynb #5388a0d7
+def _runner_up(C: np.ndarray, sigma, j: int) -> int:
+    "The cheapest source class for target j other than its match sigma(j)."
+    col = C[:, j].astype(float).copy(); col[sigma[j]] = np.inf
+    return int(np.argmin(col))
+
 def save_matching(path, sigma, target_classes, source_classes=None, C=None, params: dict | None = None,
                   include_matrix: bool = False) -> Path:
-    "Write the matching $j \\mapsto \\sigma(j)$ with class names, costs and parameters to JSON, atomically."
+    "Write the matching $j \\mapsto \\sigma(j)$ with class names, costs, runner-ups and parameters to JSON, atomically."
+    from wat_nb.core import atomic_write_json
     sigma = [int(s) for s in sigma]
     target_classes = [str(t) for t in target_classes]
     if len(sigma) != len(target_classes): raise ValueError(f'{len(sigma)} matches for {len(target_classes)} target classes')
     if len(set(sigma)) != len(sigma): raise ValueError('sigma maps two target classes to one source class')
     name = (lambda i: str(source_classes[i])) if source_classes is not None else (lambda i: str(i))
-    cost = (lambda i, j: float(C[i][j])) if C is not None else (lambda i, j: None)
-    doc = {'matching': {t: {'source_id': s, 'source_name': name(s), 'cost': cost(s, j)}
-                        for j, (t, s) in enumerate(zip(target_classes, sigma))},
+    C = None if C is None else np.asarray(C, dtype=float)
+    def entry(j, s):
+        e = {'source_id': s, 'source_name': name(s), 'cost': None if C is None else float(C[s, j])}
+        if C is not None and C.shape[0] > 1:   # how clearly this source won: the nearest other one and its rank
+            r = _runner_up(C, sigma, j)
+            e |= {'rank': int((C[:, j] < C[s, j]).sum()) + 1, 'runner_up_id': r, 'runner_up_name': name(r),
+                  'runner_up_cost': float(C[r, j])}
+        return e
+    doc = {'matching': {t: entry(j, s) for j, (t, s) in enumerate(zip(target_classes, sigma))},
            'target_classes': target_classes, 'sigma': sigma,
-           'total_cost': float(sum(C[s][j] for j, s in enumerate(sigma))) if C is not None else None,
+           'total_cost': float(sum(C[s, j] for j, s in enumerate(sigma))) if C is not None else None,
            'params': dict(params or {})}
-    if include_matrix and C is not None: doc['cost_matrix'] = np.asarray(C, dtype=float).tolist()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(doc, f, indent=1)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
-
+    if include_matrix and C is not None: doc['cost_matrix'] = C.tolist()
+    return atomic_write_json(path, doc)
 
 def load_matching(path) -> dict:
     "The matching saved by `save_matching`, checked for consistency."
@@ -321,3 +322,84 @@ def matching_accuracy(sigma, true_source_classes) -> float:
     sigma, true = np.asarray(sigma), np.asarray(true_source_classes)
     if sigma.shape != true.shape: raise ValueError(f'{sigma.shape} matches vs {true.shape} true classes')
     return float((sigma == true).mean())
+
+# %% ../nbs/05_matching.ipynb #c62b9ee1
+def source_class_names(num_classes: int) -> list[str]:
+    "Names of a source model's classes: ImageNet-1k for 1000, the shapes names for 32, else 'class <i>'."
+    if num_classes == 1000:
+        from importlib.resources import files   # shipped with the package (package data)
+        return (files('wat_nb') / 'classes' / 'imagenet1k.txt').read_text(encoding='utf-8').splitlines()
+    from wat_nb.data import shape_class_names
+    if num_classes == len(shape_class_names()): return shape_class_names()
+    return [f'class {i}' for i in range(num_classes)]
+
+def matching_rows(doc: dict) -> list[dict]:
+    "One row per target class of a saved matching: the match, its cost, the runner-up, and the relative margin."
+    rows = []
+    for t in doc['target_classes']:
+        e = doc['matching'][t]
+        margin = (None if e.get('runner_up_cost') is None or not e['cost'] else
+                  (e['runner_up_cost'] - e['cost']) / abs(e['cost']))
+        rows.append(dict(target=t, source=f"{e['source_name']} ({e['source_id']})", cost=e['cost'],
+                         runner_up=(f"{e['runner_up_name']} ({e['runner_up_id']})" if 'runner_up_id' in e else None),
+                         runner_up_cost=e.get('runner_up_cost'), margin=margin))
+    return rows
+
+def matching_markdown(doc: dict) -> str:
+    "The matching as a Markdown table (target, matched source, cost, runner-up, margin) with a line on how flat the costs are."
+    f = lambda v, d=4: '' if v is None else f'{v:.{d}g}'
+    lines = ['| target class | matched source class | W2 cost | runner-up | its cost | margin |', '|---|---|---|---|---|---|']
+    rows = matching_rows(doc)
+    for r in rows:
+        margin = '' if r['margin'] is None else f"{r['margin']:+.1%}"
+        lines.append(f"| {r['target']} | {r['source']} | {f(r['cost'])} | {r['runner_up'] or ''} | "
+                     f"{f(r['runner_up_cost'])} | {margin} |")
+    margins = [r['margin'] for r in rows if r['margin'] is not None]
+    if margins:
+        med = float(np.median(margins))
+        note = ('the costs are nearly flat: another draw of source samples may pick other classes'
+                if med < 0.02 else 'the matches are clearly separated from their runner-ups')
+        lines.append(f'\nMedian margin to the runner-up {med:+.1%}: {note}.')
+    return '\n'.join(lines)
+
+def plot_matching(C, sigma, target_classes, source_names=None, max_sources: int = 60, ax=None):
+    "Heatmap of the costs C (K, k) over each target's match and runner-up sources, matched cells boxed; returns the Axes."
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    C, sigma = np.asarray(C, dtype=float), [int(s) for s in sigma]
+    K, k = C.shape
+    names = source_names or [str(i) for i in range(K)]
+    rows = list(dict.fromkeys(sigma + ([_runner_up(C, sigma, j) for j in range(k)] if K > 1 else [])))[:max_sources]
+    sub = C[rows]                                                    # (rows, k)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(0.45 * k + 3, 16), min(0.28 * len(rows) + 1.5, 18)), layout='constrained')
+    im = ax.imshow(sub, aspect='auto', cmap='viridis_r', interpolation='nearest')
+    for j, s in enumerate(sigma):
+        if s in rows: ax.add_patch(Rectangle((j - 0.5, rows.index(s) - 0.5), 1, 1, fill=False, ec='red', lw=2))
+    ax.set_xticks(range(k), [str(t) for t in target_classes], rotation=60, ha='right', fontsize=7)
+    ax.set_yticks(range(len(rows)), [f'{names[i]} ({i})' for i in rows], fontsize=7)
+    ax.set(xlabel='target class', ylabel='source class (matches and runner-ups)',
+           title=f'W2 cost, matched cells boxed ({len(rows)} of {K} source classes shown)')
+    plt.colorbar(im, ax=ax, shrink=0.8, label='W2 cost')
+    return ax
+
+# %% ../nbs/05_matching.ipynb #e2477e58
+def write_matching_report(folder, doc: dict, C, source_names=None) -> list[Path]:
+    "matching.md, matching.csv, cost_matrix.csv and matching.png of a saved matching `doc` with its cost matrix C, in `folder`."
+    import csv, io
+    import matplotlib.pyplot as plt
+    from wat_nb.core import atomic_write, atomic_write_text
+    folder, C = Path(folder), np.asarray(C, dtype=float)
+    names = source_names or [str(i) for i in range(C.shape[0])]
+    def table(rows):
+        buf = io.StringIO(); csv.writer(buf).writerows(rows); return buf.getvalue()
+    keys = ['target', 'source', 'cost', 'runner_up', 'runner_up_cost', 'margin']
+    out = [atomic_write_text(folder / 'matching.md', matching_markdown(doc) + '\n'),
+           atomic_write_text(folder / 'matching.csv', table([keys] + [[r[k] for k in keys] for r in matching_rows(doc)])),
+           atomic_write_text(folder / 'cost_matrix.csv',
+                             table([['source class'] + list(doc['target_classes'])] +
+                                   [[f'{names[i]} ({i})'] + [f'{v:.6g}' for v in C[i]] for i in range(C.shape[0])]))]
+    ax = plot_matching(C, doc['sigma'], doc['target_classes'], names)
+    out.append(atomic_write(folder / 'matching.png', lambda t: ax.figure.savefig(t, format='png', dpi=120)))
+    plt.close(ax.figure)
+    return out
