@@ -84,7 +84,7 @@ def test_train_domain_classifier_takes_datasets_and_latents():
 def test_save_load_domain_classifier(tmp_path):
     clf = DomainClassifier(4, width=16, depth=3, t_dim=32)
     path = save_domain_classifier(clf, tmp_path / 'sub' / 'c.safetensors')
-    back = load_domain_classifier(path)
+    back = load_domain_classifier(path, device='cpu')
     assert back.config == clf.config
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
     assert torch.equal(back(x, t), clf(x, t))

@@ -184,3 +184,36 @@ def test_deterministic_dataset_required_and_empty_rejected():
         def __getitem__(self, i): return self.x[i] + 0.01 * torch.randn(()), self.targets[i]
     with pytest.raises(ValueError, match='deterministic transform'): cache_description(Jitter(), PixelCodec())
     with pytest.raises(ValueError, match='empty'): cache_description(Images(n=0), PixelCodec())
+
+
+def _png_folder(root, n_per_class=3, size=20, seed=0):
+    "An image folder root/{train,test}/<class>/*.png of random, left-right asymmetric RGB images."
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split in ('train', 'test'):
+        for c in ('a', 'b'):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n_per_class):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / split / c / f'{i}.png')
+    return root
+
+
+def test_file_backed_train_set_with_random_flip_caches_one_deterministic_view(tmp_path):
+    from wat_nb.data import load_dataset
+    ds = load_dataset(_png_folder(tmp_path / 'folder'), split='train', image_size=16)
+    assert ds.flip  # file-backed training sets flip at random inside their transform
+    folders = {latent_dataset(ds, PixelCodec(), root=tmp_path / 'data', progress=False).folder for _ in range(6)}
+    assert len(folders) == 1 and len(list((tmp_path / 'data' / 'latents').iterdir())) == 1  # one key, one cache
+    cache = LatentCache(folders.pop(), flip='both')
+    plain = load_dataset(tmp_path / 'folder', split='train', image_size=16, flip=False)
+    x = torch.stack([plain[i][0] for i in range(len(plain))])
+    assert torch.equal(cache.means(), x) and torch.equal(cache.means(flipped=True), x.flip(-1))  # flip after the cache
+    assert ds.flip and ds.transform.flip  # the caller's dataset is left as it was
+
+
+def test_vae_codec_finds_vae_in_a_pipeline_folder(tmp_path, vae_dir):
+    import json, shutil
+    pipe = tmp_path / 'pipeline'
+    shutil.copytree(vae_dir, pipe / 'vae')
+    (pipe / 'model_index.json').write_text(json.dumps({'_class_name': 'DiTPipeline', 'vae': ['diffusers', 'AutoencoderKL']}))
+    assert VAECodec(pipe).key == VAECodec(vae_dir).key

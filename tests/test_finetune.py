@@ -299,3 +299,50 @@ def test_warmup_and_min_snr_resume_exactly(tmp_path):
     la, lb = read_log(tmp_path / 'straight'), read_log(tmp_path / 'plain')
     assert la['mse'][0] == pytest.approx(lb['mse'][0])      # same data and model at step 1 ...
     assert (la['loss'] < la['mse']).any()                   # ... but low-noise samples are down-weighted
+
+
+# ---------------------------------------------------------------- large models: disk and file modes
+
+def test_paper_preset_keeps_one_checkpoint_and_a_bf16_final_ema(tmp_path):
+    from wat_nb.finetune import finetune_config
+    paper, mini = finetune_config('paper'), finetune_config('mini')
+    assert (paper.keep_last, paper.final_ema_dtype, mini.final_ema_dtype) == (1, 'bf16', None)
+    with pytest.raises(ValueError, match='final_ema_dtype'): finetune_config('mini', final_ema_dtype='int8')
+    res = _run(tiny_model(), ToyDataset(), tmp_path, steps=4, keep_last=1, final_ema_dtype='bf16')
+    assert [p.name for p in list_checkpoints(tmp_path)] == ['step-0000004']
+    final = load_file(str(tmp_path / 'final' / 'ema' / WEIGHTS))
+    ema32 = _weights(res.checkpoint, 'ema')
+    assert final.keys() == ema32.keys() and all(v.dtype == torch.bfloat16 for v in final.values())
+    assert all(torch.equal(final[k], ema32[k].to(torch.bfloat16)) for k in final)
+    sampled = load_finetuned(tmp_path, device='cpu', dtype=torch.bfloat16)  # the run's EMA for sampling: the bf16 copy
+    assert next(sampled.parameters()).dtype == torch.bfloat16
+    assert torch.equal(sampled.pos_embed.proj.weight, final['pos_embed.proj.weight'])
+    assert torch.equal(load_finetuned(tmp_path, device='cpu').pos_embed.proj.weight, final['pos_embed.proj.weight'].float())
+    for where in (tmp_path, res.checkpoint):  # the fp32 weights stay reachable
+        assert next(load_finetuned(where, ema=False, device='cpu').parameters()).dtype == torch.float32
+    assert next(load_finetuned(res.checkpoint, device='cpu').parameters()).dtype == torch.float32
+    _run(tiny_model(), ToyDataset(), tmp_path, steps=6, keep_last=1, final_ema_dtype='bf16')  # extended: final follows
+    assert json.loads((tmp_path / 'final' / 'state.json').read_text())['step'] == 6
+    assert torch.equal(load_finetuned(tmp_path, device='cpu').pos_embed.proj.weight,
+                       _weights(latest_checkpoint(tmp_path), 'ema')['pos_embed.proj.weight'].to(torch.bfloat16))
+
+
+def _modes(root: Path) -> dict:
+    return {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in [root, *root.rglob('*')]}
+
+
+def test_run_and_sample_set_are_world_readable_under_a_private_umask(tmp_path):
+    from wat_nb.models import build_dit
+    from wat_nb.sampling import generate
+    old = os.umask(0o077)
+    try:
+        _run(tiny_model(), ToyDataset(), tmp_path / 'run', steps=2, final_ema_dtype='bf16')
+        generate(build_dit('tiny', 2, init='diffusers', seed=0), n_per_class=1, mode='none', w=0, steps=2,
+                 out_dir=tmp_path / 'samples', progress=False)
+    finally:
+        os.umask(old)
+    for root in (tmp_path / 'run', tmp_path / 'samples'):
+        modes = _modes(root)
+        bad = {k: m for k, m in modes.items() if m != ('0o755' if (root / k).is_dir() else '0o644')}
+        assert not bad, bad
+    assert 'checkpoints/step-0000002/ema/config.json' in _modes(tmp_path / 'run')

@@ -158,7 +158,10 @@ def test_save_load_roundtrip_and_label_map(tmp_path):
     path = save_matching(tmp_path / 'run' / 'matching.json', sigma, ['x', 'y', 'z'], ['s0', 's1', 's2', 's3'], C,
                          params={'cost': 'exact', 'm': 10, 'cap': 50, 'seed': 0, 'space': 'pixels'})
     doc = load_matching(path)
-    assert doc['matching']['z'] == {'source_id': 3, 'source_name': 's3', 'cost': 0.3}
+    assert doc['matching']['z'] == {'source_id': 3, 'source_name': 's3', 'cost': 0.3, 'rank': 1,
+                                    'runner_up_id': 0, 'runner_up_name': 's0', 'runner_up_cost': 2.0}
+    assert doc['matching']['y'] == {'source_id': 1, 'source_name': 's1', 'cost': 0.1, 'rank': 1,
+                                    'runner_up_id': 2, 'runner_up_name': 's2', 'runner_up_cost': 2.0}
     assert doc['total_cost'] == pytest.approx(0.9) and doc['params']['space'] == 'pixels'
     assert 'cost_matrix' not in doc
     assert sorted(p.name for p in path.parent.iterdir()) == ['matching.json']

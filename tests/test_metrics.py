@@ -1,6 +1,8 @@
 "End-to-end and bad-input checks of wat_nb.metrics: EfficientNet-Lite0 features on the CPU, nothing downloaded."
 import json
 import urllib.request
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,7 +173,7 @@ def test_paper_profile_offline_gives_one_clear_error(offline, real):
     for part in (URL_INCEPTION_V3, str(offline / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"),
                  "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
                  str(offline / "checkpoints" / "dinov2_vitl14_pretrain.pth"),
-                 str(offline / "facebookresearch_dinov2_main"), "download=True"):
+                 str(offline / "facebookresearch_dinov2_main"), "TORCH_HOME"):
         assert part in msg, (part, msg)
     with pytest.raises(FileNotFoundError) as e:  # FID alone asks only for Inception
         M.evaluate(real, real, profile="paper", metrics="fid", verbose=False)
@@ -225,3 +227,35 @@ def test_feature_cache_is_safetensors_and_never_unpickles(real, tmp_path):
     again = M.extract_features(real[:4], layers=["1280"], cache_root=tmp_path, verbose=False)["1280"]
     torch.testing.assert_close(again, f["1280"])   # read back from the safetensors entry
     assert f["112"].shape == (4, 112) and not flag.exists()
+
+
+def test_missing_paper_weights_say_where_torch_home_is_read(offline):
+    with pytest.raises(FileNotFoundError) as e:
+        M.require_weights([M.PAPER_EXTRACTOR])
+    msg = str(e.value)
+    assert "download=True" not in msg  # no notebook exposes it
+    for part in ("TORCH_HOME", str(offline.parent), str(offline / "checkpoints" / Path(URL_INCEPTION_V3).name),
+                 URL_INCEPTION_V3, "curl"):
+        assert part in msg, (part, msg)
+
+
+def test_mini_fid_floor_table_and_log_log_interpolation():
+    assert M.MINI_FID_FLOOR[100] == (28.1, 0.4) and M.MINI_FID_FLOOR[1000] == (4.7, 0.4)
+    for n, (mean, _) in M.MINI_FID_FLOOR.items(): assert M.mini_fid_floor(n) == pytest.approx(mean)
+    mid = M.mini_fid_floor(175)  # log-log: a straight line between (100, 28.1) and (250, 15.4) in log space
+    t = (np.log(175) - np.log(100)) / (np.log(250) - np.log(100))
+    assert mid == pytest.approx(np.exp((1 - t) * np.log(28.1) + t * np.log(15.4)))
+    assert M.mini_fid_floor(16) > 28.1 and M.mini_fid_floor(4000) < 4.7  # extended along the end segments
+
+
+def test_small_sample_scores_carry_a_warning(tmp_path, real, cache):
+    np.savez(tmp_path / "samples.npz", images=perturb(real, noise=12), labels=np.arange(N) % 10)
+    with pytest.warns(UserWarning, match=f"{N} samples") as w:
+        m = M.evaluate(tmp_path / "samples.npz", real, metrics=("fid", "kid"), kid_subsets=5, cache_root=cache,
+                       verbose=False)
+    assert f"{M.mini_fid_floor(N):.1f}" in str(w[0].message)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["n_samples"] == m["n_samples"] == N and saved["warning"] == m["warning"] == str(w[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # precision/recall alone: no FID or KID, no warning
+        assert "warning" not in M.evaluate(real, real, metrics="prc", cache_root=cache, verbose=False)

@@ -292,3 +292,16 @@ def test_committed_mini_weights_load_and_draw_their_classes(monkeypatch, name, k
     assert acc > 0.9
     res = judge_model(model, judge, per_class=1, steps=25, factors=shapes_factors, progress=False)  # 32 samples
     assert res["hue"] > 0.9 and res["overall"] > 0.5, {k: res[k] for k in ("overall", "shape", "hue")}
+
+
+def test_load_dit_finds_transformer_in_a_pipeline_folder(tmp_path):
+    "`hf download facebook/DiT-XL-2-256 --local-dir X` gives X/model_index.json, X/transformer/, X/vae/, X/scheduler/."
+    import json
+    m = build_dit('tiny', 4, seed=0)
+    save_dit(m, tmp_path / 'pipeline' / 'transformer')
+    (tmp_path / 'pipeline' / 'model_index.json').write_text(json.dumps({'_class_name': 'DiTPipeline',
+                                                                        'transformer': ['diffusers', 'DiTTransformer2DModel']}))
+    back = load_dit(tmp_path / 'pipeline', device='cpu')
+    assert is_tied(back) and all(torch.equal(v, m.state_dict()[k]) for k, v in back.state_dict().items())
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match='has no config.json'): load_dit(tmp_path / 'empty')

@@ -130,14 +130,14 @@ def _fake_run(run: Path, steps: int, classes: int = 3):
 
 def test_completion_checks_of_the_entry_notebooks(tmp_path):
     cfg = plan_config(seeds=(0,), targets=("shapes-near",), runs_root=str(tmp_path / "runs"), n_per_class=2,
-                      finetune_steps=0)                          # 0: the run's own config.json says how many steps
+                      finetune_steps=3)
     plan = {s.name: s for s in build_plan(cfg)}
     train = plan["train/shapes-near/wat-t0-1000-s0"]
     sample = plan["sample/shapes-near/wat-t0-1000-s0/clr-w0.5-ddpm50-s0"]
     run = tmp_path / train.outputs[0]
     assert not run_finished(train, tmp_path)
     _fake_run(run, 3)
-    assert run_finished(train, tmp_path)                          # at the configured steps (config.json)
+    assert run_finished(train, tmp_path)                          # at the configured steps
     train.params["steps"] = 10
     assert not run_finished(train, tmp_path)                      # the knob asks for more steps
     npz = tmp_path / sample.outputs[0]
@@ -235,3 +235,99 @@ def test_mini_plan_uses_the_papers_matching_and_figure1_reads_the_table1_run():
     assert fig1.params["class_target"] == "shapes-mid" and fig1.params["wat_run"] == "wat-t0-1000-s0"
     assert "train/shapes-mid/wat-t0-1000-s0" in fig1.deps
     assert list(fig1.inputs) == ["runs/shapes-mid/wat-t0-1000-s0/matching.json"]
+
+
+# ------------------------------------------------------------------ the paper profile: what the plan passes
+
+def _plan(profile="mini", smoke=False, **kw) -> dict:
+    return {s.name: s for s in build_plan(plan_config(profile, smoke, **kw))}
+
+
+def test_sample_steps_read_the_model_from_the_run_and_train_steps_get_pretrained_and_vae():
+    for plan in (_plan(smoke=True), _plan("paper", pretrained="/w/DiT-XL-2-256", vae="/w/sd-vae-ft-ema",
+                                          ant_source="/w/imagenet")):
+        samples = [s for n, s in plan.items() if n.startswith("sample/")]
+        trains = [s for n, s in plan.items() if n.startswith("train/")]
+        assert samples and trains
+        assert not [s.name for s in samples if {"pretrained", "vae"} & set(s.params)]   # sample.ipynb reads run.json
+        assert {s.params["pretrained"] for s in trains} == {plan_config_of(plan)["pretrained"]}
+    paper = _plan("paper", pretrained="/w/DiT-XL-2-256", vae="/w/sd-vae-ft-ema", ant_source="/w/imagenet")
+    assert {s.params["vae"] for n, s in paper.items() if n.startswith("train/")} == {"/w/sd-vae-ft-ema"}
+    assert not any("vae" in s.params for n, s in _plan().items() if n.startswith("train/"))  # empty: the profile's
+
+
+def plan_config_of(plan: dict) -> dict:
+    "The pretrained knob a plan was built with, read back from its pretraining step or its first train step."
+    first = next(s for n, s in plan.items() if n.startswith("train/"))
+    return {"pretrained": first.params.get("pretrained", "")}
+
+
+def _main(args, capsys) -> tuple:
+    from wat_nb.reproduce import main
+    try: code = main(args)
+    except SystemExit as e: code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_paper_plan_without_an_ant_source_fails_at_once_with_how_to_fix(capsys):
+    code, out, err = _main(["--profile", "paper", "--dry-run"], capsys)
+    assert code == 2 and "ant_source" in err and "--set ant_source=" in err and "fewshot_targets=" in err, err
+    assert "train/food/identity-ant-10shot" in err                       # names a run that needs it
+    code, out, err = _main(["--profile", "paper", "--dry-run", "--set", "ant_source=/data/imagenet-train"], capsys)
+    assert code == 0, err
+    ant = [l for l in out.splitlines() if l.startswith("to run  train/") and "ant=True" in l]
+    assert len(ant) == 2 * 3 and all("ant_source=/data/imagenet-train" in l for l in ant)   # ANT, WAT + ANT x 3 seeds
+    code, out, err = _main(["--profile", "paper", "--dry-run", "--set", "fewshot_targets="], capsys)
+    assert code == 0 and "ant=True" not in out and "table_fewshot" not in out, err
+    code, out, err = _main(["--profile", "paper", "--dry-run", "--only", "paper/table1*"], capsys)
+    assert code == 0, err                                               # the steps asked for train no ANT run
+
+
+def test_finetune_steps_0_means_the_profiles_preset(tmp_path):
+    from wat_nb.finetune import FINETUNE_PRESETS
+    for profile, extra in (("mini", {}), ("paper", dict(ant_source="/x"))):
+        cfg = plan_config(profile, seeds=(0,), finetune_steps=0, runs_root=str(tmp_path / profile), **extra)
+        plan = {s.name: s for s in build_plan(cfg)}
+        train = next(s for n, s in plan.items() if n.startswith("train/") and "shot" not in n)
+        want = FINETUNE_PRESETS[profile]["steps"]
+        assert train.params["steps"] == want                             # passed explicitly, never 0
+        _fake_run(tmp_path / train.outputs[0], 4)
+        assert not run_finished(train, tmp_path)                         # a 4-step run is not the preset's run
+        shot = next(s for n, s in plan.items() if n.startswith("train/") and "shot" in n)
+        assert shot.params["steps"] == cfg.fewshot_steps
+    assert all(s.params["steps"] > 0 for n, s in _plan(smoke=True).items() if n.startswith("train/"))
+
+
+def test_finished_run_at_the_preset_steps(tmp_path):
+    cfg = plan_config("paper", seeds=(0,), finetune_steps=0, runs_root=str(tmp_path / "runs"), ant_source="/x")
+    train = next(s for s in build_plan(cfg) if s.name.startswith("train/sun/wat"))
+    _fake_run(tmp_path / train.outputs[0], 24_000)
+    assert run_finished(train, tmp_path)
+
+
+def test_paper_smoke_plan(tmp_path, capsys):
+    from wat_nb.reproduce import check_params, fewshot_results
+    cfg = plan_config("paper", smoke=True, pretrained="/w/pipe", vae="/w/pipe/vae", ant_source="/w/src")
+    plan = build_plan(cfg)
+    check_params(plan)
+    names = [s.name for s in plan]
+    assert cfg.profile == "paper" and cfg.smoke and cfg.scores == {"fid": "FID", "fd_dinov2": "FD_DINOv2"}
+    assert "pretrain" not in names                                      # DiT-XL/2's stand-in is given, not trained
+    trains = [s for s in plan if s.notebook == "nbs/train.ipynb"]
+    assert {s.params["dataset"] for s in trains} == {"sun"} and all(0 < s.params["steps"] <= 4 for s in trains)
+    assert sum(bool(s.params.get("ant")) for s in trains) == 2          # one few-shot target and seed: ANT, WAT + ANT
+    assert len(fewshot_results(cfg)) == 4 and len(cfg.seeds) == 1
+    samples = [s for s in plan if s.notebook == "nbs/sample.ipynb"]
+    assert all(s.params["n_per_class"] <= 2 and s.params["steps"] <= 4 for s in samples)
+    assert {"fid", "kid", "fd_dinov2"} <= set(samples[0].params["metrics"].split(","))
+    assert {s.name.split("/")[1] for s in plan if s.name.startswith("paper/")} >= {
+        "table1_2_transfer", "table3_timestep_range", "table4_sampling_steps", "fig2_hybrid", "fig3_clr_scale",
+        "table_fewshot"}
+    assert all(s.outputs[0].startswith("runs/smoke-paper/") for s in plan)
+    folder = tmp_path / "my photos"                                     # a user's folder as the one target
+    (folder / "a").mkdir(parents=True); (folder / "b").mkdir()
+    cfg = plan_config("paper", smoke=True, targets=(str(folder),), ant_source="/w/src")
+    assert {cfg.fig2_target, cfg.fig3_target, *cfg.table3_targets, *cfg.table4_targets, *cfg.fewshot_targets} == {str(folder)}
+    code, out, err = _main(["--profile", "paper", "--smoke", "--dry-run"], capsys)   # no ant_source: one clear error
+    assert code == 2 and "--set ant_source=" in err

@@ -16,6 +16,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .core import atomic_write, default_device
 from .data import ImageDataset
 from .gaussian import ddpm_scheduler
 from .models import split_output
@@ -89,13 +90,12 @@ def train_domain_classifier(source, target, steps: int = 1000, batch_size: int =
 
 def save_domain_classifier(clf: DomainClassifier, path) -> Path:
     "Write the classifier's weights (safetensors) with its constructor arguments in the metadata."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}, str(path),
-              metadata={'config': json.dumps(clf.config), 'format': 'wat_nb.DomainClassifier'})
-    return path
+    sd = {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={'config': json.dumps(clf.config),
+                                                                             'format': 'wat_nb.DomainClassifier'}))
 
-def load_domain_classifier(path, device='cpu') -> DomainClassifier:
-    "The `DomainClassifier` saved at `path` (safetensors), in eval mode without gradients."
+def load_domain_classifier(path, device=None) -> DomainClassifier:
+    "The `DomainClassifier` saved at `path` (safetensors), on `device` (default: `default_device()`), in eval mode without gradients."
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no domain classifier at {path}; train one with wat_nb.ant.train_domain_classifier "
@@ -105,7 +105,7 @@ def load_domain_classifier(path, device='cpu') -> DomainClassifier:
     if 'config' not in meta: raise ValueError(f"{path} is not a saved DomainClassifier (no config in its metadata)")
     clf = DomainClassifier(**json.loads(meta['config']))
     clf.load_state_dict(load_file(str(path)))
-    return clf.to(device).eval().requires_grad_(False)
+    return clf.to(default_device() if device is None else device).eval().requires_grad_(False)
 
 # %% ../nbs/06a_ant.ipynb #5565af42
 def similarity_target(noise, xt, t, classifier, gamma: float, alphas_cumprod, target_label: int = TARGET):

@@ -5,9 +5,9 @@
 # %% ../nbs/02_codecs.ipynb #c42d59c3
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -21,9 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 from tqdm.auto import tqdm
 
+from .core import atomic_write, atomic_write_json, default_device, make_dirs
+
 # %% auto #0
-__all__ = ['CACHE_VERSION', 'to_uint8', 'from_uint8', 'Codec', 'PixelCodec', 'resolve_pretrained', 'VAECodec',
-           'cache_description', 'cache_key', 'cache_latents', 'LatentCache', 'latent_dataset']
+__all__ = ['CACHE_VERSION', 'to_uint8', 'from_uint8', 'Codec', 'PixelCodec', 'resolve_pretrained', 'pipeline_part', 'VAECodec',
+           'deterministic_view', 'cache_description', 'cache_key', 'cache_latents', 'LatentCache', 'latent_dataset']
 
 # %% ../nbs/02_codecs.ipynb #d114f921
 def to_uint8(x: torch.Tensor, hwc: bool = True):
@@ -95,23 +97,33 @@ def resolve_pretrained(source, subfolder: str | None = None, download: bool = Fa
             f"pass the path of a local diffusers folder, or pass download=True.")
     return str(source), dict(local_files_only=True)
 
+def pipeline_part(source, part: str, subfolder: str | None = None) -> str | None:
+    "`subfolder`, else `part` when `source` is a local pipeline folder (no config.json of its own, but <part>/config.json)."
+    p = Path(str(source)).expanduser()
+    if subfolder is None and p.is_dir() and not (p / 'config.json').is_file() and (p / part / 'config.json').is_file():
+        return part
+    return subfolder
+
 # %% ../nbs/02_codecs.ipynb #efd62b8d
 def _slug(s) -> str: return re.sub(r'[^A-Za-z0-9_.-]+', '-', str(s)).strip('-') or 'x'
 
 class VAECodec(Codec):
     "diffusers `AutoencoderKL` latents scaled by `scale` (0.18215 for the Stable Diffusion VAE, as in DiT)."
-    def __init__(self, source='stabilityai/sd-vae-ft-ema', device='cpu', dtype=torch.float32, scale: float = 0.18215,
+    def __init__(self, source='stabilityai/sd-vae-ft-ema', device=None, dtype=torch.float32, scale: float = 0.18215,
                  batch_size: int = 32, subfolder: str | None = None, download: bool = False):
+        subfolder = pipeline_part(source, 'vae', subfolder)
         where, kw = resolve_pretrained(source, subfolder=subfolder, download=download, what='VAE')
         self.vae = AutoencoderKL.from_pretrained(where, subfolder=subfolder, torch_dtype=dtype, **kw)
-        self.vae.to(device).eval().requires_grad_(False)
-        self.device, self.dtype, self.scale, self.batch_size = torch.device(device), dtype, scale, batch_size
-        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.name = 'vae-' + _slug(Path(str(source)).name)
         cfg = {k: v for k, v in self.vae.config.items() if not k.startswith('_')}  # not the path it was read from
         h = hashlib.sha1(json.dumps([cfg, scale, str(dtype)], sort_keys=True, default=str).encode())
-        for k, v in self.vae.state_dict().items(): h.update(k.encode() + v.flatten()[:64].float().cpu().numpy().tobytes())
+        for k, v in self.vae.state_dict().items():  # hashed on the CPU, before the move: the key ignores the device
+            h.update(k.encode() + v.flatten()[:64].float().cpu().numpy().tobytes())
         self.key = f'vae-{h.hexdigest()[:12]}'
+        device = default_device() if device is None else torch.device(device)
+        self.vae.to(device).eval().requires_grad_(False)
+        self.device, self.dtype, self.scale, self.batch_size = device, dtype, scale, batch_size
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.name = 'vae-' + _slug(Path(str(source)).name)
 
     def _batches(self, x): return x.to(self.device, self.dtype).split(self.batch_size)
 
@@ -140,6 +152,16 @@ class VAECodec(Codec):
 
 # %% ../nbs/02_codecs.ipynb #e58e6a3e
 CACHE_VERSION = 1
+
+def deterministic_view(dataset):
+    "`dataset` without its random horizontal flip (a shallow copy) if it is a flipping `ImageDataset`, else itself."
+    from wat_nb.data import ImageDataset, ModelTransform
+    t = getattr(dataset, 'transform', None)
+    if not (isinstance(dataset, ImageDataset) and dataset.flip and type(t) is ModelTransform and t.flip): return dataset
+    view, transform = copy.copy(dataset), copy.copy(t)  # shares images and files; only the flip differs
+    view.flip = transform.flip = False
+    view.transform = transform
+    return view
 
 def cache_description(dataset, codec: Codec, split: str | None = None, transform: str | None = None) -> dict:
     "What identifies an encoded `dataset`: name, split, size, labels, codec key, transform, image shape, content."
@@ -175,6 +197,7 @@ def cache_latents(dataset, codec: Codec, split: str | None = None, root=None, tr
                   chunk_size: int = 512, batch_size: int = 64, num_workers: int = 0, dtype=torch.float32,
                   progress: bool = True) -> Path:
     "Encode `dataset` (image, label) and its horizontal flips with `codec` into a resumable on-disk cache; its folder."
+    dataset = deterministic_view(dataset)  # the flip is stored here; a random one in the transform would defeat the key
     desc = cache_description(dataset, codec, split, transform)
     key = cache_key(desc)
     if root is None:
@@ -182,7 +205,7 @@ def cache_latents(dataset, codec: Codec, split: str | None = None, root=None, tr
         root = data_root()
     folder = Path(root) / 'latents' / f"{_slug(desc['dataset'])}-{_slug(desc['split'] or 'all')}-{_slug(codec.name)}-{key}"
     if (folder / 'meta.json').is_file(): return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     for t in folder.glob('*.tmp'): t.unlink()  # leftovers of an interrupted write
     n = desc['n']
     spans = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
@@ -201,16 +224,12 @@ def cache_latents(dataset, codec: Codec, split: str | None = None, root=None, tr
             if std is not None: out['std'].append(pair(std))
             bar.update(b)
         tensors = {k: torch.cat(v).contiguous() for k, v in out.items() if v}
-        tmp = folder / (paths[i].name + '.tmp')
-        save_file(tensors, str(tmp), metadata={'key': key, 'start': str(s), 'stop': str(e)})
-        os.replace(tmp, paths[i])
+        atomic_write(paths[i], lambda tmp: save_file(tensors, str(tmp), metadata={'key': key, 'start': str(s), 'stop': str(e)}))
     bar.close()
     with safe_open(str(paths[0]), 'pt') as f: has_std, shape = 'std' in f.keys(), f.get_slice('mean').get_shape()[2:]
     meta = dict(desc, key=key, chunks=len(spans), latent_shape=list(shape), has_std=has_std, dtype=str(dtype),
                 classes=[str(c) for c in getattr(dataset, 'classes', [])])
-    tmp = folder / 'meta.json.tmp'
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / 'meta.json')
+    atomic_write_json(folder / 'meta.json', meta)
     return folder
 
 # %% ../nbs/02_codecs.ipynb #214dcb03

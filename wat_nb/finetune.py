@@ -30,18 +30,21 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .ant import TRAINABLE, adversarial_noise, load_domain_classifier, similarity_target, trainable_subset
+from .core import atomic_write, atomic_write_json, atomic_write_text, default_device, make_dirs
 from .models import _label_embedders, label_tables, load_dit, null_label, save_dit, set_label_table, split_output
 
 # %% auto #0
-__all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'LOG_FIELDS', 'FinetuneConfig', 'finetune_config', 'make_ema', 'scheduled_lr',
-           'posterior_terms', 'normal_kl', 'discretized_gaussian_loglik', 'vb_bits', 'min_snr_weights',
+__all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'FINAL_DIR', 'LOG_FIELDS', 'FinetuneConfig', 'finetune_config', 'make_ema',
+           'scheduled_lr', 'posterior_terms', 'normal_kl', 'discretized_gaussian_loglik', 'vb_bits', 'min_snr_weights',
            'diffusion_loss', 'resize_label_table', 'label_lookup', 'apply_label_map', 'batch_indices', 'step_draws',
            'StepBatchSampler', 'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint',
-           'load_finetuned', 'FinetuneResult', 'num_target_classes', 'finetune', 'read_log', 'plot_loss']
+           'save_final_ema', 'load_finetuned', 'FinetuneResult', 'num_target_classes', 'finetune', 'read_log',
+           'plot_loss']
 
 # %% ../nbs/06_finetune.ipynb #6064f0ff
 _MIXED = ('no', 'bf16', 'fp16')
 _LR_SCHEDULES = ('constant', 'cosine')
+_FINAL_DTYPES = (None, 'bf16', 'fp16', 'fp32')
 
 @dataclass
 class FinetuneConfig:
@@ -78,6 +81,7 @@ class FinetuneConfig:
     adv_noise_step_size: float = 0.02          # ANT adversarial noise: ascent step size
     similarity_gamma: float = 0.0              # ANT similarity guidance gamma (0: plain eps target)
     domain_classifier: str | None = None       # path of a saved DomainClassifier; required when similarity_gamma > 0
+    final_ema_dtype: str | None = None         # 'bf16' | 'fp16' | 'fp32': also write the final EMA to <run>/final/ema
 
     def __post_init__(self):
         self.betas, self.t_range = tuple(self.betas), tuple(int(t) for t in self.t_range)
@@ -111,6 +115,8 @@ class FinetuneConfig:
         if self.similarity_gamma > 0 and not self.domain_classifier:
             bad.append("similarity_gamma > 0 needs domain_classifier, the path of a saved DomainClassifier "
                        "(wat_nb.ant.train_domain_classifier + save_domain_classifier)")
+        if self.final_ema_dtype not in _FINAL_DTYPES:
+            bad.append(f"final_ema_dtype must be one of {_FINAL_DTYPES}, got {self.final_ema_dtype!r}")
         if bad: raise ValueError('; '.join(bad))
 
     def to_dict(self) -> dict: return dataclasses.asdict(self)
@@ -126,7 +132,7 @@ def _dict_to_list(m: dict) -> list:
 
 FINETUNE_PRESETS = {
     'paper': dict(steps=24_000, batch_size=32, lr=1e-4, weight_decay=0.0, label_dropout=0.1, ema_decay=0.9999,
-                  ema_warmup=False, ckpt_every=2000, log_every=100, num_workers=4),
+                  ema_warmup=False, ckpt_every=2000, log_every=100, num_workers=4, keep_last=1, final_ema_dtype='bf16'),
     'mini': dict(steps=2000, batch_size=32, lr=1e-4, weight_decay=0.0, label_dropout=0.1, ema_decay=0.999,
                  ema_warmup=True, ema_power=0.75, ckpt_every=500, log_every=25, num_workers=0),
 }
@@ -309,9 +315,10 @@ def _fsync_tree(folder: Path):
             with open(p, 'rb') as f: os.fsync(f.fileno())
 
 def _write_text_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + f'.{os.getpid()}.tmp')
-    with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    "Replace `path` by `text` atomically (mode 0644), flushed to disk first: `latest` must never point at nothing."
+    def write(tmp):
+        with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
+    atomic_write(path, write)
 
 def _ckpt_step(p: Path) -> int: return int(p.name.split('-')[1])
 
@@ -333,25 +340,25 @@ def latest_checkpoint(run_dir) -> Path | None:
 def save_checkpoint(run_dir, step: int, model, ema, optimizer, state: dict, rng: list | None = None,
                     scaler=None, keep_last: int = 3) -> Path:
     "Write checkpoint `step` of the run atomically (weights, EMA, optimizer, RNG, state.json), then point `latest` at it."
-    run_dir = Path(run_dir); root = run_dir / CKPT_DIR; root.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir); root = make_dirs(run_dir / CKPT_DIR)
     params = list(model.parameters())
     if not _all_finite(params + (list(ema.shadow_params) if ema is not None else [])):
         raise FloatingPointError(f"refusing to save non-finite weights at step {step}")
     name = f'step-{step:07d}'
     tmp = root / f'.tmp-{name}-{os.getpid()}'
     if tmp.exists(): shutil.rmtree(tmp)
-    tmp.mkdir()
+    make_dirs(tmp)  # 0755: the folder is renamed into place as it is
     save_dit(model, tmp / 'model')
     if ema is not None:
         ema.store(params); ema.copy_to(params)  # the EMA weights, written through the same model object
         try: save_dit(model, tmp / 'ema')
         finally: ema.restore(params)
-    torch.save(optimizer.state_dict(), tmp / 'optimizer.pt')
-    if scaler is not None: torch.save(scaler.state_dict(), tmp / 'scaler.pt')
-    if rng is not None: (tmp / 'rng.json').write_text(json.dumps(rng))
+    atomic_write(tmp / 'optimizer.pt', lambda f: torch.save(optimizer.state_dict(), f))
+    if scaler is not None: atomic_write(tmp / 'scaler.pt', lambda f: torch.save(scaler.state_dict(), f))
+    if rng is not None: atomic_write_text(tmp / 'rng.json', json.dumps(rng))
     ema_state = None if ema is None else {k: v for k, v in ema.state_dict().items() if k != 'shadow_params'}
-    (tmp / 'state.json').write_text(json.dumps(dict(state, step=step, ema=ema_state, versions=_versions(),
-                                                    pid=os.getpid(), time=time.time()), indent=1))
+    atomic_write_json(tmp / 'state.json', dict(state, step=step, ema=ema_state, versions=_versions(),
+                                               pid=os.getpid(), time=time.time()))
     _fsync_tree(tmp)
     final = root / name
     if final.exists():  # an earlier attempt reached this step but never became `latest`
@@ -366,9 +373,9 @@ def load_checkpoint(ckpt, model=None, optimizer=None, ema=None, scaler=None, map
     "Load what is given (weights, optimizer, EMA, fp16 scaler) from checkpoint folder `ckpt`; return its state.json."
     ckpt = Path(ckpt)
     state = json.loads((ckpt / 'state.json').read_text())
-    if model is not None: model.load_state_dict(load_dit(ckpt / 'model').state_dict())
-    if ema is not None:
-        src = list(load_dit(ckpt / 'ema').parameters())
+    if model is not None: model.load_state_dict(load_dit(ckpt / 'model', device='cpu').state_dict())
+    if ema is not None:  # copied into the shadow weights, which stay on their device
+        src = list(load_dit(ckpt / 'ema', device='cpu').parameters())
         if [p.shape for p in src] != [s.shape for s in ema.shadow_params]:
             raise ValueError(f"the EMA weights in {ckpt} do not match the model's parameters")
         with torch.no_grad():
@@ -380,11 +387,37 @@ def load_checkpoint(ckpt, model=None, optimizer=None, ema=None, scaler=None, map
         scaler.load_state_dict(torch.load(ckpt / 'scaler.pt', weights_only=True))
     return state
 
+FINAL_DIR = 'final'
+
+def _final_step(run_dir) -> int | None:
+    "The step of the run's final EMA copy, or None when it has none."
+    f = Path(run_dir) / FINAL_DIR / 'state.json'
+    return json.loads(f.read_text())['step'] if f.is_file() else None
+
+def save_final_ema(run_dir, step: int, model, ema, dtype: str = 'bf16') -> Path:
+    "Write the EMA weights of `model` in `dtype` to <run_dir>/final/ema (+ state.json), replacing an older copy."
+    run_dir = Path(run_dir); params = list(model.parameters())
+    tmp = run_dir / f'.tmp-{FINAL_DIR}-{os.getpid()}'
+    if tmp.exists(): shutil.rmtree(tmp)
+    make_dirs(tmp)
+    ema.store(params); ema.copy_to(params)
+    try: save_dit(model, tmp / 'ema', dtype=dtype)
+    finally: ema.restore(params)
+    atomic_write_json(tmp / 'state.json', dict(step=step, dtype=dtype, versions=_versions(), time=time.time()))
+    _fsync_tree(tmp)
+    final = run_dir / FINAL_DIR
+    if final.exists():
+        old = run_dir / f'.tmp-old-{FINAL_DIR}-{os.getpid()}'; os.replace(final, old); shutil.rmtree(old)
+    os.replace(tmp, final)
+    return final
+
 def load_finetuned(path, ema: bool = True, **load_kw):
-    "The fine-tuned DiT (EMA weights by default) of a run folder (its `latest`) or of a checkpoint folder."
+    "The fine-tuned DiT (EMA weights by default) of a run folder (its final EMA copy, else `latest`) or of a checkpoint folder."
     p = Path(path)
     if not (p / 'state.json').is_file():
-        ckpt = latest_checkpoint(p)
+        ckpt, final = latest_checkpoint(p), _final_step(p)
+        if ema and final is not None and (ckpt is None or final >= _ckpt_step(ckpt)):
+            return load_dit(p / FINAL_DIR / 'ema', **load_kw)
         if ckpt is None: raise FileNotFoundError(f"{p} is neither a checkpoint nor a run folder with a `latest` checkpoint")
         p = ckpt
     return load_dit(p / ('ema' if ema else 'model'), **load_kw)
@@ -426,8 +459,8 @@ def num_target_classes(dataset) -> int:
     raise ValueError("the dataset has neither .classes nor .targets; set FinetuneConfig.num_classes")
 
 def _has_accelerator() -> bool:
-    acc = getattr(torch, 'accelerator', None)
-    return acc.is_available() if acc is not None else torch.cuda.is_available()
+    "Whether training should leave the CPU: `wat_nb.core.default_device()` decides, as for every loaded model."
+    return default_device().type not in ('cpu', 'meta')
 
 def _check_resume(old: dict, cfg: FinetuneConfig, ckpt: Path):
     "Refuse to resume with settings that change what is learned; warn about other changes."
@@ -449,15 +482,15 @@ def _truncate_log(path: Path, step: int):
     rows = []
     if path.is_file():
         with open(path, newline='') as f: rows = [r for r in csv.DictReader(f) if int(r['step']) <= step]
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w', newline='') as f:
-        w = csv.DictWriter(f, LOG_FIELDS); w.writeheader(); w.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, 'w', newline='') as f:
+            w = csv.DictWriter(f, LOG_FIELDS); w.writeheader(); w.writerows(rows)
+    atomic_write(path, write)  # 0644; later rows are appended to this file
 
 def _prepare_run_dir(run: Path, cfg: FinetuneConfig, step: int):
     "Create the run folder, drop leftovers of interrupted saves, record the config, cut the log back to `step`."
-    (run / CKPT_DIR).mkdir(parents=True, exist_ok=True)
-    for p in (run / CKPT_DIR).glob('.tmp-*'): shutil.rmtree(p, ignore_errors=True)
+    make_dirs(run / CKPT_DIR)
+    for p in [*(run / CKPT_DIR).glob('.tmp-*'), *run.glob('.tmp-*')]: shutil.rmtree(p, ignore_errors=True)
     _write_text_atomic(run / 'config.json', json.dumps(cfg.to_dict(), indent=1))
     _truncate_log(run / 'log.csv', step)
 
@@ -509,20 +542,23 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
         _check_resume(state['config'], cfg, ckpt)
         load_checkpoint(ckpt, model)
         start = state['step']
-    ema = make_ema(model.parameters(), cfg) if main else None
     model, opt = acc.prepare(model, opt)
     net = acc.unwrap_model(model)
     params = list(net.parameters())
+    ema = make_ema(params, cfg) if main else None  # after prepare: the shadow weights live where the model does
     if ckpt is not None:
         load_checkpoint(ckpt, optimizer=opt, ema=ema, scaler=acc.scaler, map_location=dev)
         for g in opt.param_groups: g.update(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         rng = json.loads((ckpt / 'rng.json').read_text()) if (ckpt / 'rng.json').is_file() else []
         if rank < len(rng): _set_rng_state(rng[rank])
     if main: _prepare_run_dir(run, cfg, start)
-    acc.wait_for_everyone()
     last = ckpt
     if start >= cfg.steps:
+        if main and cfg.final_ema_dtype and _final_step(run) != start:  # the run stopped before writing its copy
+            save_final_ema(run, start, net, ema, cfg.final_ema_dtype)
+        acc.wait_for_everyone()
         return FinetuneResult(run, last, start, net)
+    acc.wait_for_everyone()
 
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, rank, world,
@@ -597,6 +633,8 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
                 last = save_checkpoint(run, done, net, ema, opt, dict(run_state, loss=loss_value), rng=rng,
                                        scaler=acc.scaler, keep_last=cfg.keep_last)
             last = Path(broadcast_object_list([str(last)])[0]) if world > 1 else last
+            if main and done == cfg.steps and cfg.final_ema_dtype:
+                save_final_ema(run, done, net, ema, cfg.final_ema_dtype)
             acc.wait_for_everyone()
             if on_checkpoint is not None: on_checkpoint(done, last)
     pbar.close()

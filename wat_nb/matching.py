@@ -246,7 +246,7 @@ def cached_source_samples(sample_fn, class_ids, m: int, seed: int = 0, path=None
         if ids == class_ids and x.shape[1] == m: return x
     x = draw_source_samples(sample_fn, class_ids, m, seed=1000 * int(seed), progress=progress)
     if path is not None:
-        from wat_nb.reports import atomic_write
+        from wat_nb.core import atomic_write
         def write(tmp):
             with open(tmp, 'wb') as f: np.savez(f, x=x.numpy(), class_ids=np.array(class_ids))
         atomic_write(path, write)

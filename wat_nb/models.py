@@ -16,7 +16,8 @@ import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from safetensors.torch import load_file, save_file
 
-from .codecs import resolve_pretrained
+from .codecs import pipeline_part, resolve_pretrained
+from .core import atomic_write, default_device
 
 # %% auto #0
 __all__ = ['PRESETS', 'ORIGINAL_FREQ_SHIFT', 'UNET_PRESETS', 'WEIGHTS_NAME', 'PAPER_SOURCE', 'MINI_SOURCES', 'preset_config',
@@ -220,18 +221,20 @@ def build_model(preset: str, num_classes: int, seed: int | None = None, **overri
 # %% ../nbs/03_models.ipynb #72c8c3af
 WEIGHTS_NAME = 'diffusion_pytorch_model.safetensors'
 
-def save_dit(model, folder) -> Path:
-    "Write `model` to `folder` as diffusers' config.json + safetensors (tied tensors as identical copies)."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+_DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+def save_dit(model, folder, dtype=None) -> Path:
+    "Write `model` to `folder` as diffusers' config.json + safetensors (tied tensors as identical copies), floats in `dtype`."
+    folder = Path(folder)
+    dtype = _DTYPES.get(dtype, dtype)  # 'bf16', 'fp16', 'fp32' or a torch dtype; None keeps the model's
     seen, sd = set(), {}
     for k, v in model.state_dict().items():
-        v = v.detach().cpu()
-        sd[k] = v.clone().contiguous() if v.data_ptr() in seen else v.contiguous()  # a tied tensor: its own copy
-        seen.add(v.data_ptr())
-    tmp = folder / (WEIGHTS_NAME + '.tmp')
-    save_file(sd, str(tmp), metadata={'format': 'pt'})
-    os.replace(tmp, folder / WEIGHTS_NAME)
-    model.save_config(folder)
+        v, ptr = v.detach().cpu(), v.data_ptr()
+        if dtype is not None and v.is_floating_point(): v = v.to(dtype)
+        sd[k] = v.clone().contiguous() if ptr in seen else v.contiguous()  # a tied tensor: its own copy
+        seen.add(ptr)
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(sd, str(tmp), metadata={'format': 'pt'}))
+    atomic_write(folder / 'config.json', lambda tmp: model.to_json_file(tmp))  # diffusers' save_config, atomically
     return folder
 
 # %% ../nbs/03_models.ipynb #4b67ef0e
@@ -239,12 +242,14 @@ _HUB_SUBFOLDERS = {'facebook/DiT-XL-2-256': 'transformer', 'facebook/DiT-XL-2-51
 
 def load_dit(source, subfolder: str | None = None, download: bool = False, device=None, dtype=None,
              mismatch: str = 'error', freq_shift: int | None = None):
-    "A tied DiT (or a saved UNet) from a diffusers folder, a hub id (cache only unless `download`), or an original `.pt`/`.safetensors`."
+    "A tied DiT (or a saved UNet) from a diffusers folder, a pipeline folder, a hub id (cache only unless `download`), or an original `.pt`/`.safetensors`."
     p = Path(source)
+    device = default_device() if device is None else torch.device(device)
     if p.is_file():
         shift = ORIGINAL_FREQ_SHIFT if freq_shift is None else freq_shift
         return convert_original_dit(p, freq_shift=shift).to(device=device, dtype=dtype)
     if subfolder is None and not p.is_dir(): subfolder = _HUB_SUBFOLDERS.get(str(source))
+    subfolder = pipeline_part(source, 'transformer', subfolder)
     where, kw = resolve_pretrained(source, subfolder=subfolder, download=download, what='DiT transformer')
     conf = Path(where) / (subfolder or '') / 'config.json'
     if conf.is_file() and json.loads(conf.read_text()).get('_class_name') == 'UNet2DModel':  # the mini stand-in

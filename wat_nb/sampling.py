@@ -21,10 +21,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .codecs import PixelCodec, to_uint8
+from .core import atomic_write, atomic_write_text, make_dirs
 from .data import image_grid
 from .gaussian import DIT_SCHEDULE, ddpm_alpha_bar, gaussian_fit
 from .models import null_label, split_output
-from .reports import atomic_write, atomic_write_text, provenance
+from .reports import provenance
 
 # %% auto #0
 __all__ = ['DIT_GUIDED_CHANNELS', 'GUIDANCE_MODES', 'SAMPLERS', 'VARIANCE_TYPES', 'model_output', 'guide', 'guided_eps',
@@ -256,7 +257,7 @@ def generate(finetuned, pretrained=None, labels=None, n_per_class: int | None = 
     if parts.exists():
         old = json.loads((parts / 'params.json').read_text()) if (parts / 'params.json').exists() else None
         if old != params: shutil.rmtree(parts)  # finished parts of the same settings are kept, even with overwrite
-    parts.mkdir(parents=True, exist_ok=True)
+    make_dirs(parts)  # 0755 (and out_dir too), whatever the umask
     atomic_write_text(parts / 'params.json', json.dumps(params, sort_keys=True))
     done = np.zeros(len(labels), bool)
     for p in parts.glob('*.npz'):
