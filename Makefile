@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: reproduce test figures export clean-nbs lab
+.PHONY: reproduce test test-fast figures export clean-nbs lab
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,9 +24,13 @@ JOBS ?= 2
 reproduce: $(STAMP)
 	$(BIN)/python -m wat_nb.reproduce --jobs $(JOBS) $(ARGS)
 
-# Library checks (export drift, clean notebooks, lint), every notebook under nbdev_test, then pytest.
+# Library checks (export drift, clean notebooks, lint), every notebook under nbdev_test, pytest, the driver's smoke
+# setting (what CI runs). `make test-fast`: the checks, the library notebooks and the tests not marked slow.
 test: $(STAMP)
 	bash .ci/test.sh
+
+test-fast: $(STAMP)
+	bash .ci/test.sh fast
 
 figures: reproduce
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The test suite: repository checks, every notebook under nbdev_test, and pytest.
+# The test suite: repository checks, every notebook under nbdev_test, and pytest, then the driver's smoke setting.
+# `bash .ci/test.sh fast` is the fast tier (`make test-fast`): the checks, the library notebooks (nbs/0*.ipynb, their
+# examples and asserts) and the tests not marked slow; no papermill runs of the entry or paper notebooks.
 # Ends with one line "total: N passed, M failed[, K skipped]"; exits non-zero on any failure.
 set -uo pipefail
+MODE=${1:-full}
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 OUT=.ci/out; mkdir -p "$OUT"
@@ -34,16 +37,20 @@ if bad: print("\n".join(bad))
 sys.exit(1 if bad else 0)
 PY
 then ok "notebooks are clean"; else bad "notebooks carry outputs"; fi
-# 3. No undefined names in the exported library (an exported function must not read notebook globals).
-if "$BIN/pyflakes" wat_nb >"$OUT/pyflakes.log" 2>&1 || ! grep -q "undefined name" "$OUT/pyflakes.log"; then
-  ok "no undefined names in wat_nb/"
+# 3. pyflakes finds nothing in the library, the tests or the benchmarks (no undefined names, no unused imports).
+if "$BIN/pyflakes" wat_nb tests benchmarks >"$OUT/pyflakes.log" 2>&1; then
+  ok "pyflakes: wat_nb/, tests/, benchmarks/ are clean"
 else
-  bad "undefined names in wat_nb/"; grep "undefined name" "$OUT/pyflakes.log"
+  bad "pyflakes found problems (see $OUT/pyflakes.log)"; head -20 "$OUT/pyflakes.log"
 fi
 
 echo "== nbdev_test"
-mapfile -t nbs < <(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' -not -name '_*' | sort)
-timeout 1500 "$BIN/nbdev_test" --n_workers 2 --timing --do_print >"$OUT/nbdev_test.log" 2>&1
+if [ "$MODE" = fast ]; then
+  mapfile -t nbs < <(find nbs -maxdepth 1 -name '0*.ipynb' | sort); sel=(--file_re '^0' --folder_re '^$')
+else
+  mapfile -t nbs < <(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' -not -name '_*' | sort); sel=()
+fi
+timeout 1500 "$BIN/nbdev_test" --n_workers 2 --timing --do_print "${sel[@]}" >"$OUT/nbdev_test.log" 2>&1
 nb_rc=$?
 cat "$OUT/nbdev_test.log" | grep -v "^Starting\|^- Completed" | tail -60
 nb_failed=$(awk '/nbdev Tests Failed On The Following Notebooks/{f=1; next} f && /\.ipynb/{n++} END{print n+0}' "$OUT/nbdev_test.log")
@@ -52,7 +59,8 @@ passed=$((passed + ${#nbs[@]} - nb_failed)); failed=$((failed + nb_failed))
 echo "notebooks: $(( ${#nbs[@]} - nb_failed )) passed, $nb_failed failed"
 
 echo "== pytest"
-"$BIN/python" -m pytest tests -q -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+marks=(); [ "$MODE" = fast ] && marks=(-m "not slow")
+"$BIN/python" -m pytest tests -q -p no:cacheprovider --durations=5 "${marks[@]}" --junitxml="$OUT/pytest.xml"
 read -r p f s < <("$BIN/python" - <<'PY'
 import xml.etree.ElementTree as ET
 try:
@@ -65,6 +73,11 @@ except Exception:
 PY
 )
 passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+
+if [ "$MODE" = fast ]; then
+  echo "total: $passed passed, $failed failed, $skipped skipped"
+  [ "$failed" -eq 0 ]; exit
+fi
 
 echo "== reproduction driver, smoke setting (every experiment and paper notebook on tiny settings)"
 rm -rf runs/smoke

@@ -72,6 +72,7 @@ def _run(model, ds, out, **kw):
 
 # ---------------------------------------------------------------- resume
 
+@pytest.mark.slow
 def test_sigkill_resume_equals_uninterrupted(tmp_path):
     killed = tmp_path / 'killed'
     r = _worker('--out', killed, '--steps', 6, '--ckpt-every', 2, '--kill-after', 4, '--learn-sigma')
@@ -137,6 +138,7 @@ def test_nan_guard_keeps_last_good_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------- two processes
 
+@pytest.mark.slow
 def test_two_processes_with_accelerate_launch(tmp_path):
     out, info = tmp_path / 'run', tmp_path / 'info'
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
@@ -295,7 +297,7 @@ def test_warmup_and_min_snr_resume_exactly(tmp_path):
     _assert_same_weights(resumed.checkpoint, straight.checkpoint)
     lr = read_log(tmp_path / 'straight')['lr'].tolist()
     assert lr == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])   # linear warmup to lr=1e-3 over 4 steps
-    plain = _run(tiny_model(), ToyDataset(), tmp_path / 'plain', steps=6, ckpt_every=2, log_every=1)
+    _run(tiny_model(), ToyDataset(), tmp_path / 'plain', steps=6, ckpt_every=2, log_every=1)
     la, lb = read_log(tmp_path / 'straight'), read_log(tmp_path / 'plain')
     assert la['mse'][0] == pytest.approx(lb['mse'][0])      # same data and model at step 1 ...
     assert (la['loss'] < la['mse']).any()                   # ... but low-noise samples are down-weighted

@@ -1,7 +1,6 @@
 """DiT presets, embedder tying, save/load and the original-checkpoint converter (tiny models, CPU, seconds)."""
 import copy
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -270,6 +269,7 @@ def test_split_output():
     with pytest.raises(ValueError, match='expected 3 or 6'): split_output(3, torch.zeros(2, 5, 4, 4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, kind", [("mini", "UNet2DModel"), ("mini-dit", "DiTTransformer2DModel")])
 def test_committed_mini_weights_load_and_draw_their_classes(monkeypatch, name, kind):
     """The weights shipped in wat_nb/weights/<name>: small enough to commit, fp32 on load, the right backbone (a tied

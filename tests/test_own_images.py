@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow          # end to end through papermill kernels: `make test`, not `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "neuf é"]  # a space, a non-ASCII letter
 

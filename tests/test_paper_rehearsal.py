@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow          # end to end through papermill kernels: `make test`, not `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from standins import NUM_SOURCE_CLASSES, evaluate_params, paper_standins, run_notebook, train_params  # noqa: E402

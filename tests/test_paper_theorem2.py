@@ -5,6 +5,8 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
+pytestmark = pytest.mark.slow          # end to end through papermill kernels: `make test`, not `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "nbs" / "paper" / "theorem2.ipynb"
 

@@ -1,6 +1,5 @@
 """nbs/train.ipynb through papermill, as a user runs it: bad input fails at once, a small WAT run leaves a full run folder."""
 import json
-import os
 from pathlib import Path
 
 import papermill as pm
@@ -8,6 +7,8 @@ import pytest
 
 from wat_nb.finetune import latest_checkpoint, read_log
 from wat_nb.models import build_dit, save_dit
+
+pytestmark = pytest.mark.slow          # end to end through papermill kernels: `make test`, not `make test-fast`
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "nbs" / "train.ipynb"

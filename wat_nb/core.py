@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['FILE_MODE', 'DIR_MODE', 'make_dirs', 'atomic_write', 'atomic_write_text', 'atomic_write_json', 'default_device',
-           'describe_device']
+__all__ = ['FILE_MODE', 'DIR_MODE', 'make_dirs', 'atomic_write', 'atomic_write_text', 'atomic_write_json', 'repo_root',
+           'default_device', 'describe_device']
 
 # %% ../nbs/00a_core.ipynb #cf102c89
 FILE_MODE, DIR_MODE = 0o644, 0o755
@@ -51,6 +51,19 @@ def atomic_write_text(path, text: str) -> Path:
 def atomic_write_json(path, obj, indent: int = 1) -> Path:
     "Write `obj` as JSON (UTF-8, non-ASCII kept) to `path` atomically."
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+# %% ../nbs/00a_core.ipynb #d64dd149
+def _is_checkout(d: Path) -> bool:
+    ini = d / "settings.ini"
+    try: return ini.is_file() and "lib_name = wat_nb" in ini.read_text()
+    except OSError: return False
+
+def repo_root(start=None) -> Path:
+    "Root of what the library writes: $WAT_NB_ROOT, else the wat_nb checkout holding `start` (default: the cwd), else `start`."
+    env = os.environ.get("WAT_NB_ROOT")
+    if env and start is None: return Path(env).expanduser().resolve()
+    here = Path(start or Path.cwd()).resolve()
+    return next((d for d in (here, *here.parents) if _is_checkout(d)), here)
 
 # %% ../nbs/00a_core.ipynb #16aa6b05
 def default_device() -> torch.device:

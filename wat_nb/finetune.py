@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .ant import TRAINABLE, adversarial_noise, load_domain_classifier, similarity_target, trainable_subset
 from .core import atomic_write, atomic_write_json, atomic_write_text, default_device, make_dirs
-from .models import _label_embedders, label_tables, load_dit, null_label, save_dit, set_label_table, split_output
+from .models import label_embedders, label_tables, load_dit, null_label, save_dit, set_label_table, split_output
 
 # %% auto #0
 __all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'FINAL_DIR', 'LOG_FIELDS', 'FinetuneConfig', 'finetune_config', 'make_ema',
@@ -525,7 +525,7 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
         if clf.config['in_channels'] != model.config.in_channels:
             raise ValueError(f"the domain classifier {cfg.domain_classifier} takes {clf.config['in_channels']} channels "
                              f"but the model {model.config.in_channels}: train it on the model's inputs")
-    for e in _label_embedders(model):
+    for e in label_embedders(model):
         if e.dropout_prob:  # diffusers' own token_drop would drop labels a second time
             warnings.warn(f"setting the model's internal label dropout {e.dropout_prob} to 0: the loop drops labels")
             e.dropout_prob = 0.0

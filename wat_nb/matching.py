@@ -8,11 +8,10 @@ __all__ = ['as_class_list', 'subsample_class', 'group_by_class', 'emd2_uniform',
            'save_matching', 'load_matching', 'matching_label_map', 'matching_accuracy', 'source_class_names',
            'matching_rows', 'matching_markdown', 'plot_matching', 'write_matching_report']
 
-# %% ../nbs/05_matching.ipynb #e4b41135
+# %% ../nbs/05_matching.ipynb #a0fcb70a
 import json
 import math
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -230,11 +229,11 @@ def draw_source_samples(sample_fn, class_ids, m: int, seed: int = 0, classes_per
         out.append(x.cpu())
     return torch.cat(out)  # (K, m, ...)
 
-# %% ../nbs/05_matching.ipynb #ce803fab
+# %% ../nbs/05_matching.ipynb #8e38599c
 def source_cache_name(model, m: int, w: float, steps: int, seed: int, sampler: str = 'ddim') -> str:
     "File name of the cached source samples of `model` (content hash), m per class, CFG weight w, sampler, seed."
-    from wat_nb.sampling import _fingerprint    # imported here: sampling builds on this module's neighbours
-    return f'source-{_fingerprint(model)}-m{int(m)}-w{float(w):g}-{sampler}{int(steps)}-seed{int(seed)}.npz'
+    from wat_nb.models import model_fingerprint
+    return f'source-{model_fingerprint(model)}-m{int(m)}-w{float(w):g}-{sampler}{int(steps)}-seed{int(seed)}.npz'
 
 def cached_source_samples(sample_fn, class_ids, m: int, seed: int = 0, path=None, progress: bool = True) -> torch.Tensor:
     "`draw_source_samples(sample_fn, class_ids, m, seed=1000 * seed)`, read from the .npz `path` if there, else saved there."

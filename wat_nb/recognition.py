@@ -5,7 +5,6 @@
 # %% ../nbs/08a_recognition.ipynb #82431810
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

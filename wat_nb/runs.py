@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .core import atomic_write_json, default_device, make_dirs
-from .data import CROPS, DATASETS, _resolve, data_root
+from .data import CROPS, data_root, resolve_dataset
 
 # %% auto #0
 __all__ = ['METHODS', 'RUN_PROFILES', 'MIXED_PRECISIONS', 'MATCH_SPACES', 'PAPER_SOURCE', 'INCOMPLETE', 'check_train_params',
@@ -72,7 +72,7 @@ def choose_profile(dataset, profile: str = "", pretrained: str = "") -> tuple[st
     if profile:
         if profile not in RUN_PROFILES: raise ValueError(f"unknown profile {profile!r}; known: {', '.join(RUN_PROFILES)}")
         return profile, "asked for with profile"
-    kind, what = _resolve(dataset)
+    kind, what = resolve_dataset(dataset)
     if kind == "name": return what.profile, f"{what.name} is a dataset of the {what.profile} profile"
     if pretrained:
         from wat_nb.models import MINI_SOURCES
@@ -91,7 +91,7 @@ def _sha(obj) -> str: return hashlib.sha1(json.dumps(obj, sort_keys=True, defaul
 
 def dataset_label(dataset) -> str:
     "Run-path label of a dataset: a registered name, or '<folder name>-<8 hex of its resolved path>'."
-    kind, what = _resolve(dataset)
+    kind, what = resolve_dataset(dataset)
     if kind == "name": return what.name
     p = what.resolve()
     return f"{p.name}-{_sha(str(p))[:8]}"

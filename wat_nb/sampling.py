@@ -24,7 +24,7 @@ from .codecs import PixelCodec, to_uint8
 from .core import atomic_write, atomic_write_text, make_dirs
 from .data import image_grid
 from .gaussian import DIT_SCHEDULE, ddpm_alpha_bar, gaussian_fit
-from .models import null_label, split_output
+from .models import model_fingerprint, null_label, split_output
 from .reports import provenance
 
 # %% auto #0
@@ -190,13 +190,6 @@ def fit_prior_ot(x0, abar_T: float | None = None, cov: str = 'diag', shrinkage: 
     return GaussianPrior(A=torch.as_tensor(A).float(), b=torch.as_tensor(b).reshape(-1).float())
 
 # %% ../nbs/07_sampling.ipynb #82fa6cdd
-def _fingerprint(model) -> str:
-    "A cheap content hash of a model: parameter names, shapes and their first values."
-    h = hashlib.sha1()
-    for k, v in model.state_dict().items():
-        h.update(f'{k}{tuple(v.shape)}'.encode()); h.update(v.detach().flatten()[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:12]
-
 def _save_npz(path: Path, **arrays) -> Path:
     def write(tmp):
         with open(tmp, 'wb') as f: np.savez(f, **arrays)
@@ -245,8 +238,8 @@ def generate(finetuned, pretrained=None, labels=None, n_per_class: int | None = 
     params = dict(**eps_fn.params, sampler=sampler, steps=int(steps), seed=int(seed), n=len(labels),
                   labels_sha1=hashlib.sha1(labels.tobytes()).hexdigest()[:12], shape=list(shape), codec=codec.key,
                   bf16=bool(bf16), clip_sample=bool(clip_sample), variance_type=variance_type, eta=float(eta),
-                  prior=None if prior is None else prior.describe(), finetuned=_fingerprint(finetuned),
-                  pretrained=None if pretrained is None or mode in ('none', 'cfg') else _fingerprint(pretrained))
+                  prior=None if prior is None else prior.describe(), finetuned=model_fingerprint(finetuned),
+                  pretrained=None if pretrained is None or mode in ('none', 'cfg') else model_fingerprint(pretrained))
     out_dir = Path(out_dir); parts = out_dir / f'{name}.parts'; final = out_dir / f'{name}.npz'
     if final.exists():
         old = load_samples(final)[2]
