@@ -68,8 +68,8 @@ def test_library_and_notebook_write_under_the_working_directory(installed):
     assert nb.returncode == 0, nb.stderr[-3000:]
     assert _files(site) == before                          # nothing new in the installed package
     made = _files(work)
-    assert any(f.startswith("data/") for f in made) and "runs/s/x.npz" in made and "figures/t.md" in made, made
-    assert any(f.startswith("figures/theorem2") for f in made), made
+    assert any(f.startswith("data/") for f in made) and "runs/s/x.npz" in made and "runs/figures/t.md" in made, made
+    assert any(f.startswith("runs/figures/theorem2") for f in made), made
 
 
 def test_driver_outside_a_checkout_says_so(installed):

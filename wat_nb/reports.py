@@ -21,12 +21,13 @@ from .core import atomic_write, atomic_write_text, make_dirs, repo_root
 # %% auto #0
 __all__ = ['PACKAGES', 'figures_dir', 'git_commit', 'package_versions', 'provenance', 'save_fig', 'to_markdown', 'save_table']
 
-# %% ../nbs/09_reports.ipynb #cb6d9254
+# %% ../nbs/09_reports.ipynb #01287b25
 _T0 = time.time()  # wall-clock start of the process that imported this module
 
 def figures_dir(out_dir: str | Path | None = None) -> Path:
-    "Folder for figures and tables: `out_dir`, else $WAT_NB_FIGURES, else <repo>/figures (created if missing)."
-    return make_dirs(Path(out_dir or os.environ.get("WAT_NB_FIGURES") or repo_root() / "figures"))
+    "Folder for figures and tables: `out_dir` (relative: to the repository), else $WAT_NB_FIGURES, else <repo>/runs/figures."
+    d = Path(out_dir or os.environ.get("WAT_NB_FIGURES") or "runs/figures").expanduser()
+    return make_dirs(d if d.is_absolute() else repo_root() / d)
 
 # %% ../nbs/09_reports.ipynb #315b4ced
 PACKAGES = ("wat_nb", "torch", "diffusers", "accelerate", "POT", "torch-fidelity", "numpy", "scipy", "matplotlib")

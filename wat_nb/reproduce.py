@@ -391,7 +391,7 @@ def pretrained_ready(step: Step, root: Path) -> bool:
     from wat_nb.models import pretrained_candidates
     return outputs_exist(step, root) or any((d / "config.json").is_file() for d in pretrained_candidates("mini"))
 
-# %% ../nbs/10_reproduce.ipynb #4aaf6fad
+# %% ../nbs/10_reproduce.ipynb #3e95f1cd
 def _n_per_class(cfg: PlanConfig, target: str) -> int:
     if cfg.n_per_class: return cfg.n_per_class
     from wat_nb.data import DATASETS, load_dataset
@@ -433,7 +433,8 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
                    (train(r),), outputs=(r.samples(cfg), r.metrics(cfg)))
 
     out_dir = cfg.out_dir or "figures"
-    art = dict(profile=cfg.profile, smoke=cfg.smoke, overrides=json.dumps(plan_overrides(cfg), sort_keys=True))
+    art = dict(profile=cfg.profile, smoke=cfg.smoke, overrides=json.dumps(plan_overrides(cfg), sort_keys=True),
+               out_dir=out_dir)               # named: a notebook run by hand writes to runs/figures/ instead
     for name, (results, outputs, images) in ARTEFACTS.items():
         rs = list(results(cfg).values())
         if not rs: continue                   # e.g. no few-shot targets: the table is left out
@@ -445,7 +446,7 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
         deps, inputs = [], []
         if name == "table_matching" and cfg.pretrain is not None:
             deps, inputs = list(pre), [f"{cfg.pretrain.get('output', 'runs/pretrained/mini')}/model/*"]
-        p = dict(params, **({"out_dir": cfg.out_dir} if cfg.out_dir else {}))
+        p = dict(params, out_dir=out_dir)
         if name == "fig1_trajectories":  # panel (b): the matching of the first seed's Table 1 WAT run
             t = params.get("class_target", "shapes-mid" if "shapes-mid" in cfg.targets else cfg.targets[0])
             p.setdefault("class_target", t)
