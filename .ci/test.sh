@@ -38,8 +38,8 @@ sys.exit(1 if bad else 0)
 PY
 then ok "notebooks are clean"; else bad "notebooks carry outputs"; fi
 # 3. pyflakes finds nothing in the library, the tests or the benchmarks (no undefined names, no unused imports).
-if "$BIN/pyflakes" wat_nb tests benchmarks >"$OUT/pyflakes.log" 2>&1; then
-  ok "pyflakes: wat_nb/, tests/, benchmarks/ are clean"
+if "$BIN/pyflakes" wat_nb tests benchmarks docs >"$OUT/pyflakes.log" 2>&1; then
+  ok "pyflakes: wat_nb/, tests/, benchmarks/, docs/ are clean"
 else
   bad "pyflakes found problems (see $OUT/pyflakes.log)"; head -20 "$OUT/pyflakes.log"
 fi

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['as_class_list', 'subsample_class', 'group_by_class', 'emd2_uniform', 'sq_dists', 'class_cost_matrix', 'match_classes',
            'joint_space', 'draw_source_samples', 'source_cache_name', 'cached_source_samples', 'prefilter_sources',
-           'save_matching', 'load_matching', 'matching_label_map', 'matching_accuracy', 'source_class_names',
-           'matching_rows', 'matching_markdown', 'plot_matching', 'write_matching_report']
+           'matching_document', 'save_matching', 'load_matching', 'matching_label_map', 'matching_accuracy',
+           'source_class_names', 'matching_rows', 'matching_markdown', 'plot_matching', 'write_matching_report']
 
 # %% ../nbs/05_matching.ipynb #a0fcb70a
 import json
@@ -265,16 +265,15 @@ def prefilter_sources(source, target, keep_per_target: int = 3, cost: str = 'mea
         keep.update(order[depth].tolist()); depth += 1
     return np.array(sorted(keep))
 
-# %% ../nbs/05_matching.ipynb #5388a0d7
+# %% ../nbs/05_matching.ipynb #edf3d087
 def _runner_up(C: np.ndarray, sigma, j: int) -> int:
     "The cheapest source class for target j other than its match sigma(j)."
     col = C[:, j].astype(float).copy(); col[sigma[j]] = np.inf
     return int(np.argmin(col))
 
-def save_matching(path, sigma, target_classes, source_classes=None, C=None, params: dict | None = None,
-                  include_matrix: bool = False) -> Path:
-    "Write the matching $j \\mapsto \\sigma(j)$ with class names, costs, runner-ups and parameters to JSON, atomically."
-    from wat_nb.core import atomic_write_json
+def matching_document(sigma, target_classes, source_classes=None, C=None, params: dict | None = None,
+                      include_matrix: bool = False) -> dict:
+    "The matching $j \\mapsto \\sigma(j)$ as a document: class names, costs, runner-ups, total cost and parameters."
     sigma = [int(s) for s in sigma]
     target_classes = [str(t) for t in target_classes]
     if len(sigma) != len(target_classes): raise ValueError(f'{len(sigma)} matches for {len(target_classes)} target classes')
@@ -293,7 +292,13 @@ def save_matching(path, sigma, target_classes, source_classes=None, C=None, para
            'total_cost': float(sum(C[s, j] for j, s in enumerate(sigma))) if C is not None else None,
            'params': dict(params or {})}
     if include_matrix and C is not None: doc['cost_matrix'] = C.tolist()
-    return atomic_write_json(path, doc)
+    return doc
+
+def save_matching(path, sigma, target_classes, source_classes=None, C=None, params: dict | None = None,
+                  include_matrix: bool = False) -> Path:
+    "Write `matching_document(...)` to JSON at `path`, atomically."
+    from wat_nb.core import atomic_write_json
+    return atomic_write_json(path, matching_document(sigma, target_classes, source_classes, C, params, include_matrix))
 
 def load_matching(path) -> dict:
     "The matching saved by `save_matching`, checked for consistency."
