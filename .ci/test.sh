@@ -60,7 +60,7 @@ echo "notebooks: $(( ${#nbs[@]} - nb_failed )) passed, $nb_failed failed"
 
 echo "== pytest"
 marks=(); [ "$MODE" = fast ] && marks=(-m "not slow")
-"$BIN/python" -m pytest tests -q -p no:cacheprovider --durations=5 "${marks[@]}" --junitxml="$OUT/pytest.xml"
+LAB_CHECK_OUT=$OUT/lab "$BIN/python" -m pytest tests -q -p no:cacheprovider --durations=5 "${marks[@]}" --junitxml="$OUT/pytest.xml"
 read -r p f s < <("$BIN/python" - <<'PY'
 import xml.etree.ElementTree as ET
 try:

@@ -336,3 +336,9 @@ def test_paper_smoke_plan(tmp_path, capsys):
     assert {cfg.fig2_target, cfg.fig3_target, *cfg.table3_targets, *cfg.table4_targets, *cfg.fewshot_targets} == {str(folder)}
     code, out, err = _main(["--profile", "paper", "--smoke", "--dry-run"], capsys)   # no ant_source: one clear error
     assert code == 2 and "--set ant_source=" in err
+
+
+def test_results_md_is_the_figures_tables():
+    from wat_nb.reproduce import results_markdown
+    assert (ROOT / "RESULTS.md").read_text() == results_markdown(ROOT / "figures"), \
+        "RESULTS.md differs from figures/*.md: run `python -m wat_nb.reproduce` (or write_results) to regenerate it"

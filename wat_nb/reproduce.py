@@ -34,8 +34,8 @@ __all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'SCORES', 'EXTRA_OUTP
            'fewshot_results', 'Step', 'outputs_exist', 'fingerprint', 'stamp_fresh', 'write_stamp', 'preset_steps',
            'run_finished', 'samples_complete', 'metrics_complete', 'sample_set_done', 'pretrained_ready', 'build_plan',
            'check_params', 'check_plan', 'driver_command', 'require_files', 'read_metrics', 'mean_sd',
-           'write_fake_results', 'run_label_lookup', 'target_labels', 'select', 'run_plan', 'fake_plan', 'parse_knobs',
-           'main']
+           'write_fake_results', 'run_label_lookup', 'target_labels', 'select', 'run_plan', 'fake_plan',
+           'results_markdown', 'write_results', 'parse_knobs', 'main']
 
 # %% ../nbs/10_reproduce.ipynb #17d0bee5
 def run_name(method: str, seed: int, t_min: int = 0, t_max: int = 1000) -> str:
@@ -676,7 +676,43 @@ def fake_plan(root, n: int = 3, sleep: float = 0.0) -> list[Step]:
                               counter=str(root / "count.txt"), fail=str(root / f"fail-{i}")), None, deps, (f"out/{i}.txt",))
     return [mk(i, ()) for i in range(n - 1)] + [mk(n - 1, [f"fake/{i}" for i in range(n - 1)])]
 
-# %% ../nbs/10_reproduce.ipynb #df113fb6
+# %% ../nbs/10_reproduce.ipynb #3116372c
+def _artefact_files(name: str) -> tuple:
+    return ARTEFACTS[name][1] if name in ARTEFACTS else EXTRA_OUTPUTS[name]
+
+def results_markdown(out_dir) -> str:
+    "RESULTS.md's text: every table of `out_dir` (*.md) and its figures, grouped by the paper notebook that made them."
+    out_dir, seen, parts = Path(out_dir), set(), []
+    def provenance_line(f: Path) -> str:
+        try: meta = json.loads(f.with_suffix(".json").read_text())
+        except (OSError, ValueError): return ""
+        dirty = " with uncommitted changes" if meta.get("dirty") else ""
+        return f"*`{f.name}`: commit {str(meta.get('commit') or '?')[:8]}{dirty}, {str(meta.get('created', ''))[:10]}*\n\n"
+    for name in [*EXTRA_OUTPUTS, *ARTEFACTS]:
+        stems = list(dict.fromkeys(Path(o).stem for o in _artefact_files(name)))
+        tables = [out_dir / f"{st}.md" for st in stems] + sorted(out_dir.glob(f"{stems[0].split('_')[0]}*_values.md"))
+        tables = [t for t in dict.fromkeys(tables) if t.is_file() and t.name not in seen]
+        images = [out_dir / f"{st}.png" for st in stems if (out_dir / f"{st}.png").is_file()]
+        if not tables and not images: continue
+        parts.append(f"## {name}\n\nMade by [`nbs/paper/{name}.ipynb`](nbs/paper/{name}.ipynb).\n\n")
+        for t in tables:
+            seen.add(t.name)
+            parts.append(provenance_line(t) + t.read_text().strip() + "\n\n")
+        for im in images: parts.append(f"![{im.stem}]({out_dir.name}/{im.name})\n\n")
+    rest = [t for t in sorted(out_dir.glob("*.md")) if t.name not in seen]
+    for t in rest: parts.append(f"## {t.stem}\n\n" + provenance_line(t) + t.read_text().strip() + "\n\n")
+    head = ("# Results\n\nWritten by `python -m wat_nb.reproduce` from the tables in `figures/`; do not edit by hand. "
+            "Each table says its sample count and seeds; a difference within the spread it reports is not a "
+            "result. The reading of these numbers is in [docs/results.md](docs/results.md).\n\n")
+    return head + "".join(parts).rstrip() + "\n"
+
+def write_results(out_dir, path) -> Path:
+    "Write `results_markdown(out_dir)` to `path` (RESULTS.md) atomically, only if it changed."
+    path, text = Path(path), results_markdown(out_dir)
+    if path.is_file() and path.read_text() == text: return path
+    return atomic_write_text(path, text)
+
+# %% ../nbs/10_reproduce.ipynb #6c42c0e2
 def parse_knobs(pairs) -> dict:
     "{knob: value} from 'knob=value' strings, each value parsed by the type of the knob's default."
     defaults, out = PlanConfig(), {}
@@ -721,6 +757,11 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if args.jobs < 1: ap.error(f"--jobs must be >= 1, got {args.jobs}")
     res = run_plan(steps, dry_run=args.dry_run, jobs=args.jobs)
+    if not args.dry_run and not res["failed"] and any(s.kind == "artefact" for s in steps):
+        out = Path(cfg.out_dir or "figures")
+        out = out if out.is_absolute() else repo_root() / out
+        if out.is_dir():                   # RESULTS.md at the root for the published figures, else beside them
+            write_results(out, repo_root() / "RESULTS.md" if out == repo_root() / "figures" else out / "RESULTS.md")
     return 1 if res["failed"] else 0
 
 if __name__ == "__main__" and "ipykernel" not in sys.modules:
