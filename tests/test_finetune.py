@@ -348,3 +348,20 @@ def test_run_and_sample_set_are_world_readable_under_a_private_umask(tmp_path):
         bad = {k: m for k, m in modes.items() if m != ('0o755' if (root / k).is_dir() else '0o644')}
         assert not bad, bad
     assert 'checkpoints/step-0000002/ema/config.json' in _modes(tmp_path / 'run')
+
+
+def test_hooks_change_the_step_and_nothing_else(tmp_path):
+    from wat_nb.finetune import TrainHooks
+    seen = []
+    def target(eps, xt, t):
+        seen.append(tuple(eps.shape))
+        return torch.zeros_like(eps)                      # regress onto 0: the loss is then the output's mean square
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        finetune(tiny_model(), ToyDataset(), config(tmp_path / 'plain', steps=2, ckpt_every=2, log_every=1))
+        finetune(tiny_model(), ToyDataset(), config(tmp_path / 'hooked', steps=2, ckpt_every=2, log_every=1),
+                 hooks=TrainHooks(target=target))
+    assert len(seen) == 2 and all(s[0] > 0 for s in seen)  # called once per step, with the step's noise
+    plain, hooked = read_log(tmp_path / 'plain'), read_log(tmp_path / 'hooked')
+    assert not torch.allclose(torch.as_tensor(plain["mse"]), torch.as_tensor(hooked["mse"]))
+    assert (tmp_path / 'hooked' / 'latest').is_file()

@@ -38,8 +38,8 @@ __all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'FINAL_DIR', 'LOG_FIELDS', 'FinetuneC
            'scheduled_lr', 'posterior_terms', 'normal_kl', 'discretized_gaussian_loglik', 'vb_bits', 'min_snr_weights',
            'diffusion_loss', 'resize_label_table', 'label_lookup', 'apply_label_map', 'batch_indices', 'step_draws',
            'StepBatchSampler', 'list_checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint',
-           'save_final_ema', 'load_finetuned', 'FinetuneResult', 'num_target_classes', 'finetune', 'read_log',
-           'plot_loss']
+           'save_final_ema', 'load_finetuned', 'FinetuneResult', 'num_target_classes', 'TrainHooks', 'ant_hooks',
+           'finetune', 'read_log', 'plot_loss']
 
 # %% ../nbs/06_finetune.ipynb #e5c93b79
 _MIXED = ('no', 'bf16', 'fp16')
@@ -494,63 +494,143 @@ def _prepare_run_dir(run: Path, cfg: FinetuneConfig, step: int):
     _write_text_atomic(run / 'config.json', json.dumps(cfg.to_dict(), indent=1))
     _truncate_log(run / 'log.csv', step)
 
-# %% ../nbs/06_finetune.ipynb #88f7e16c
-def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | None = None,
-             on_checkpoint=None) -> FinetuneResult:
-    "Fine-tune a DiT on (x, label) pairs per `cfg`: eps-MSE (+ L_vb), label map + dropout, EMA; resumes from `cfg.output`."
+# %% ../nbs/06_finetune.ipynb #9a9c319c
+@dataclass
+class TrainHooks:
+    "Changes to a training step that leave the loop alone: the noise drawn (`noise`) and the regression target (`target`)."
+    noise: object = None     # (net, x, t, y, noise, autocast) -> noise; None: the Gaussian draw
+    target: object = None    # (noise, xt, t) -> target; None: the noise itself
+
+def ant_hooks(cfg: FinetuneConfig, model, sched, device) -> TrainHooks:
+    "ANT's two changes to a step from `cfg`: adversarial noise (adv_noise_steps > 0), the similarity-guided target (gamma > 0)."
+    noise = target = None
+    if cfg.adv_noise_steps:  # ascend the loss in eps: a function of the step's draws and the weights, so resume is exact
+        noise = lambda net, x, t, y, eps, autocast: adversarial_noise(net, x, t, y, eps, sched, cfg.adv_noise_steps,
+                                                                       cfg.adv_noise_step_size, autocast=autocast)
+    if cfg.similarity_gamma > 0:
+        clf = load_domain_classifier(cfg.domain_classifier, device=device)
+        if clf.config['in_channels'] != model.config.in_channels:
+            raise ValueError(f"the domain classifier {cfg.domain_classifier} takes {clf.config['in_channels']} channels "
+                             f"but the model {model.config.in_channels}: train it on the model's inputs")
+        target = lambda eps, xt, t: similarity_target(eps, xt, t, clf, cfg.similarity_gamma, sched.alphas_cumprod)
+    return TrainHooks(noise, target)
+
+def _accelerator(cfg: FinetuneConfig, accelerator: Accelerator | None) -> Accelerator:
+    "The run's Accelerator (a fresh state unless one is given), checked against the launch and the batch."
     if accelerator is None:
         # accelerate keeps one AcceleratorState per process; a second run in the same kernel (another precision,
         # say) must start from a fresh one. The process group (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
     acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu or not _has_accelerator())
-    world, rank, main, dev = acc.num_processes, acc.process_index, acc.is_main_process, acc.device
-    if int(os.environ.get('WORLD_SIZE', '1')) != world:
-        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up {world}; on a "
-                           f"machine without GPUs create the Accelerator with cpu=True")
-    if cfg.batch_size % world: raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-    if cfg.allow_tf32 and dev.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    run = Path(cfg.output)
-    if isinstance(model, (str, Path)): model = load_dit(model)
+    if int(os.environ.get('WORLD_SIZE', '1')) != acc.num_processes:
+        raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up {acc.num_processes}; "
+                           f"on a machine without GPUs create the Accelerator with cpu=True")
+    if cfg.batch_size % acc.num_processes:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {acc.num_processes} processes")
+    if cfg.allow_tf32 and acc.device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return acc
+
+def _prepare_labels(model, dataset, cfg: FinetuneConfig) -> tuple:
+    "(label lookup, null label, number of target classes, trainable share): the label map and parameter subset applied."
     k = cfg.num_classes or num_target_classes(dataset)
     targets = getattr(dataset, 'targets', None)
     targets = None if targets is None else np.asarray(targets)
     if targets is not None and len(targets) and not 0 <= targets.min() <= targets.max() < k:
         raise ValueError(f"dataset labels span {targets.min()}..{targets.max()}, outside the {k} target classes")
-    lut = apply_label_map(model, cfg.label_map, k, cfg.seed).to(dev)
-    null = null_label(model)
+    lut = apply_label_map(model, cfg.label_map, k, cfg.seed)
     share = trainable_subset(model, cfg.trainable)  # after the label map: 'reinit' makes a new label table
-    clf = None
-    if cfg.similarity_gamma > 0:
-        clf = load_domain_classifier(cfg.domain_classifier, device=dev)
-        if clf.config['in_channels'] != model.config.in_channels:
-            raise ValueError(f"the domain classifier {cfg.domain_classifier} takes {clf.config['in_channels']} channels "
-                             f"but the model {model.config.in_channels}: train it on the model's inputs")
     for e in label_embedders(model):
         if e.dropout_prob:  # diffusers' own token_drop would drop labels a second time
             warnings.warn(f"setting the model's internal label dropout {e.dropout_prob} to 0: the loop drops labels")
             e.dropout_prob = 0.0
+    return lut, null_label(model), k, share
+
+class _LossLog:
+    "Buffers (loss, mse) per step; `flush` averages them over processes, appends log.csv and stops on a non-finite loss."
+    def __init__(self, acc, cfg, run: Path, opt, pbar):
+        self.acc, self.cfg, self.run, self.opt, self.pbar = acc, cfg, run, opt, pbar
+        self.buf, self.lrs, self.t0 = [], [], time.perf_counter()
+        self.t_win = self.t0
+
+    def add(self, loss, mse):
+        self.buf.append(torch.stack([loss.detach(), mse.detach()])); self.lrs.append(self.opt.param_groups[0]['lr'])
+
+    def flush(self, step: int, last) -> float:
+        vals = torch.stack(self.buf)  # (n, 2): loss, mse
+        if self.acc.num_processes > 1: vals = self.acc.reduce(vals, reduction='mean')
+        vals, n, lr, step_lrs = vals.tolist(), len(self.buf), self.opt.param_groups[0]['lr'], self.lrs
+        now = time.perf_counter(); ips = n * self.cfg.batch_size / max(now - self.t_win, 1e-9)
+        self.buf, self.lrs, self.t_win = [], [], now
+        rows = [dict(step=step - n + 1 + i, loss=l, mse=m, lr=step_lrs[i], images_per_s=round(ips, 2),
+                     time=round(now - self.t0, 3)) for i, (l, m) in enumerate(vals)]
+        bad = next((r for r in rows if not math.isfinite(r['loss'])), None)
+        if self.acc.is_main_process:
+            with open(self.run / 'log.csv', 'a', newline='') as f:
+                csv.DictWriter(f, LOG_FIELDS).writerows(rows if bad is None else rows[:rows.index(bad) + 1])
+            self.pbar.set_postfix(loss=f"{sum(r['loss'] for r in rows) / n:.4f}", img_s=f"{ips:.1f}")
+        if bad is not None:
+            self.pbar.close()
+            raise FloatingPointError(
+                f"non-finite loss {bad['loss']} at step {bad['step']} (lr={lr:g}); the last good checkpoint is "
+                f"{last if last is not None else 'none (nothing was saved)'} and `latest` still points to it. "
+                f"Lower the learning rate or set grad_clip, then rerun to resume")
+        return rows[-1]['loss']
+
+def _resume(run: Path, cfg: FinetuneConfig, model, acc) -> tuple:
+    "(checkpoint or None, its state or None, start step), the weights loaded: one answer for every process."
+    ckpt = broadcast_object_list([str(latest_checkpoint(run) or '') if acc.is_main_process else None])[0]
+    if not ckpt: return None, None, 0
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / 'state.json').read_text())
+    _check_resume(state['config'], cfg, ckpt)
+    load_checkpoint(ckpt, model)
+    return ckpt, state, state['step']
+
+def _restore_optimizer(ckpt: Path, cfg: FinetuneConfig, opt, ema, acc):
+    "Optimizer, EMA, grad scaler and this process's RNG state of `ckpt`; the optimizer takes the config's settings."
+    load_checkpoint(ckpt, optimizer=opt, ema=ema, scaler=acc.scaler, map_location=acc.device)
+    for g in opt.param_groups: g.update(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    rng = json.loads((ckpt / 'rng.json').read_text()) if (ckpt / 'rng.json').is_file() else []
+    if acc.process_index < len(rng): _set_rng_state(rng[acc.process_index])
+
+def _save(run, done, net, ema, opt, run_state, loss, acc, cfg, params, last) -> Path:
+    "Checkpoint after step `done` (all processes), the final EMA copy at the end; refuses non-finite weights."
+    if not _all_finite(params):
+        raise FloatingPointError(
+            f"non-finite weights after step {done} (lr={opt.param_groups[0]['lr']:g}); the last good checkpoint "
+            f"is {last if last is not None else 'none'} and `latest` still points to it")
+    world = acc.num_processes
+    rng = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
+    if acc.is_main_process:
+        last = save_checkpoint(run, done, net, ema, opt, dict(run_state, loss=loss), rng=rng, scaler=acc.scaler,
+                               keep_last=cfg.keep_last)
+    last = Path(broadcast_object_list([str(last)])[0]) if world > 1 else last
+    if acc.is_main_process and done == cfg.steps and cfg.final_ema_dtype:
+        save_final_ema(run, done, net, ema, cfg.final_ema_dtype)
+    acc.wait_for_everyone()
+    return last
+
+def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | None = None,
+             on_checkpoint=None, hooks: TrainHooks | None = None) -> FinetuneResult:
+    "Fine-tune a DiT on (x, label) pairs per `cfg`: eps-MSE (+ L_vb), label map + dropout, EMA; resumes from `cfg.output`."
+    acc = _accelerator(cfg, accelerator)
+    world, rank, main, dev = acc.num_processes, acc.process_index, acc.is_main_process, acc.device
+    run = Path(cfg.output)
+    if isinstance(model, (str, Path)): model = load_dit(model)
+    lut, null, k, share = _prepare_labels(model, dataset, cfg)
+    lut = lut.to(dev)
     sched = ddpm_scheduler(num_train_timesteps=cfg.num_train_timesteps)
     terms = {n: v.to(dev) for n, v in posterior_terms(sched).items()}
     sched.alphas_cumprod = sched.alphas_cumprod.to(dev)
-
-    ckpt = broadcast_object_list([str(latest_checkpoint(run) or '') if main else None])[0]  # one answer for all
-    ckpt = Path(ckpt) if ckpt else None
+    hooks = hooks or ant_hooks(cfg, model, sched, dev)
+    ckpt, state, start = _resume(run, cfg, model, acc)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    start, state = 0, None
-    if ckpt is not None:
-        state = json.loads((ckpt / 'state.json').read_text())
-        _check_resume(state['config'], cfg, ckpt)
-        load_checkpoint(ckpt, model)
-        start = state['step']
     model, opt = acc.prepare(model, opt)
     net = acc.unwrap_model(model)
     params = list(net.parameters())
     ema = make_ema(params, cfg) if main else None  # after prepare: the shadow weights live where the model does
-    if ckpt is not None:
-        load_checkpoint(ckpt, optimizer=opt, ema=ema, scaler=acc.scaler, map_location=dev)
-        for g in opt.param_groups: g.update(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-        rng = json.loads((ckpt / 'rng.json').read_text()) if (ckpt / 'rng.json').is_file() else []
-        if rank < len(rng): _set_rng_state(rng[rank])
+    if ckpt is not None: _restore_optimizer(ckpt, cfg, opt, ema, acc)
     if main: _prepare_run_dir(run, cfg, start)
     last = ckpt
     if start >= cfg.steps:
@@ -568,32 +648,8 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
     expect = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
     run_state = dict(config=cfg.to_dict(), label_lookup=lut.tolist(), null_label=null, num_classes=k,
                      world_size=world, writer_rank=rank, trainable_share=share)
-    buf, lrs, t_win, t0 = [], [], time.perf_counter(), time.perf_counter()
     pbar = tqdm(total=cfg.steps, initial=start, disable=not main, desc=f'finetune {run.name}', dynamic_ncols=True)
-
-    def flush(step):
-        "Sync the buffered losses, log them, and stop on a non-finite one."
-        nonlocal buf, lrs, t_win
-        vals = torch.stack(buf)  # (n, 2): loss, mse
-        if world > 1: vals = acc.reduce(vals, reduction='mean')
-        vals, n, lr, step_lrs = vals.tolist(), len(buf), opt.param_groups[0]['lr'], lrs
-        now = time.perf_counter(); ips = n * cfg.batch_size / max(now - t_win, 1e-9)
-        buf, lrs, t_win = [], [], now
-        rows = [dict(step=step - n + 1 + i, loss=l, mse=m, lr=step_lrs[i], images_per_s=round(ips, 2),
-                     time=round(now - t0, 3)) for i, (l, m) in enumerate(vals)]
-        bad = next((r for r in rows if not math.isfinite(r['loss'])), None)
-        if main:
-            with open(run / 'log.csv', 'a', newline='') as f:
-                csv.DictWriter(f, LOG_FIELDS).writerows(rows if bad is None else rows[:rows.index(bad) + 1])
-            pbar.set_postfix(loss=f"{sum(r['loss'] for r in rows) / n:.4f}", img_s=f"{ips:.1f}")
-        if bad is not None:
-            pbar.close()
-            raise FloatingPointError(
-                f"non-finite loss {bad['loss']} at step {bad['step']} (lr={lr:g}); the last good checkpoint is "
-                f"{last if last is not None else 'none (nothing was saved)'} and `latest` still points to it. "
-                f"Lower the learning rate or set grad_clip, then rerun to resume")
-        return rows[-1]['loss']
-
+    log = _LossLog(acc, cfg, run, opt, pbar)
     model.train()
     for step, (x, y) in zip(range(start, cfg.steps), loader):
         x = x.to(dev, torch.float32, non_blocking=True)  # (b, C, H, W), b = B / world
@@ -602,11 +658,9 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
         t, drop, noise = step_draws(cfg.seed, step, cfg.batch_size, x.shape[1:], cfg.t_range, cfg.label_dropout)
         t, drop, noise = t[part].to(dev), drop[part].to(dev), noise[part].to(dev)
         y = torch.where(drop, null, lut[torch.as_tensor(y, device=dev)])  # label map, then CFG dropout to null
-        if cfg.adv_noise_steps:  # ANT: ascend the loss in eps (a function of the step's draws and the weights)
-            noise = adversarial_noise(net, x, t, y, noise, sched, cfg.adv_noise_steps, cfg.adv_noise_step_size,
-                                      autocast=acc.autocast)
+        if hooks.noise is not None: noise = hooks.noise(net, x, t, y, noise, acc.autocast)
         xt = sched.add_noise(x, noise, t)
-        target = noise if clf is None else similarity_target(noise, xt, t, clf, cfg.similarity_gamma, sched.alphas_cumprod)
+        target = noise if hooks.target is None else hooks.target(noise, xt, t)
         out = model(xt, timestep=t, class_labels=y).sample
         wts = None if cfg.min_snr_gamma is None else min_snr_weights(t, sched.alphas_cumprod, cfg.min_snr_gamma)
         loss, mse = diffusion_loss(out, x, xt, target, t, terms, wts)
@@ -617,25 +671,14 @@ def finetune(model, dataset, cfg: FinetuneConfig, accelerator: Accelerator | Non
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None: ema.step(params)
-        buf.append(torch.stack([loss.detach(), mse.detach()])); lrs.append(opt.param_groups[0]['lr'])
+        log.add(loss, mse)
         done = step + 1
         pbar.update(1)
         save_now = done % cfg.ckpt_every == 0 or done == cfg.steps
-        if save_now or done % cfg.log_every == 0: loss_value = flush(done)
+        if save_now or done % cfg.log_every == 0: loss_value = log.flush(done, last)
         if save_now:
-            if not _all_finite(params):
-                pbar.close()
-                raise FloatingPointError(
-                    f"non-finite weights after step {done} (lr={opt.param_groups[0]['lr']:g}); the last good checkpoint "
-                    f"is {last if last is not None else 'none'} and `latest` still points to it")
-            rng = gather_object([_rng_state()]) if world > 1 else [_rng_state()]
-            if main:
-                last = save_checkpoint(run, done, net, ema, opt, dict(run_state, loss=loss_value), rng=rng,
-                                       scaler=acc.scaler, keep_last=cfg.keep_last)
-            last = Path(broadcast_object_list([str(last)])[0]) if world > 1 else last
-            if main and done == cfg.steps and cfg.final_ema_dtype:
-                save_final_ema(run, done, net, ema, cfg.final_ema_dtype)
-            acc.wait_for_everyone()
+            try: last = _save(run, done, net, ema, opt, run_state, loss_value, acc, cfg, params, last)
+            except FloatingPointError: pbar.close(); raise
             if on_checkpoint is not None: on_checkpoint(done, last)
     pbar.close()
     model.eval()
