@@ -15,6 +15,8 @@ from PIL import Image
 pytestmark = pytest.mark.slow          # end to end through papermill kernels: `make test`, not `make test-fast`
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from train_cells import train_cells_until_start  # noqa: E402
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "neuf é"]  # a space, a non-ASCII letter
 
 
@@ -139,17 +141,6 @@ def test_same_folder_name_other_images_is_a_new_run(journey, tmp_path, env):
 
 # Bad input: the train notebook's own cells, executed in this process up to the point where the run folder is
 # opened (what papermill would run, without a kernel start per case).
-def train_cells_until_start(**params) -> dict:
-    nb = json.loads((ROOT / "nbs" / "train.ipynb").read_text())
-    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    ns: dict = {}
-    for src in cells:
-        if "start_run(run_dir" in src: break
-        exec(compile(src, "train.ipynb", "exec"), ns)
-        if src.startswith("dataset: str"): ns.update(params)   # papermill's injected parameters
-    return ns
-
-
 @pytest.mark.parametrize("case,params,msg", [
     ("corrupt", {}, "cannot be read"),
     ("batch", dict(batch_size=100000), "batch_size 100000 is larger than the"),
