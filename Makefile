@@ -36,7 +36,7 @@ figures: reproduce
 
 # The documentation site from the notebooks into _docs/ (open _docs/index.html): the library notebooks executed
 # (about 2.5 min on 2 cores), the entry and paper notebooks as committed or from runs/reproduce/logs/, an API page
-# per module. Fails on a missing file, image or broken link. `make docs DOCS_ARGS=--no-execute`: about 20 s.
+# per module, the guides of docs/*.md. Fails on a missing file, image or broken link. `make docs DOCS_ARGS=--no-execute`: about 20 s.
 DOCS_ARGS ?=
 docs: $(STAMP)
 	$(BIN)/python docs/build.py $(DOCS_ARGS)

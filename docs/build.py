@@ -10,7 +10,10 @@
    - each page gets a note saying which of these it is; nbdev directives (`#| export`, ...) are dropped from the
      shown code and `#| hide` / `#| default_exp` cells are removed.
 2. Write one API page per module of `wat_nb/` (sphinx autodoc on the exported docstrings) under `api/`.
-3. Copy `figures/` beside the staged notebooks, so the `../figures/*.png` links of the index resolve.
+3. Copy `figures/` beside the staged notebooks, so the `../figures/*.png` links of the index resolve, and stage the
+   Markdown pages `docs/*.md` under `docs/` of the site: their links are written for the repository (`../figures/`,
+   `../nbs/`, sibling pages), so they are rewritten to the staged layout, and a link to a repository file the site
+   does not hold (`../README.md`, `../RESULTS.md`, a table's `.md`) becomes its text.
 4. Run Sphinx (myst-nb reads the notebooks as they are, it executes nothing) into `_docs/`.
 5. Fail (exit 1) on any warning about a missing file, image, document or reference, and on any `src` / `href` of
    the built HTML that points to a file that is not in the site.
@@ -146,9 +149,46 @@ def module_pages(dest: Path) -> list[str]:
     return names
 
 
+PAGES = ROOT / "docs"                          # hand-written Markdown pages, linked as in the repository
+IMAGES = (".png", ".jpg", ".jpeg", ".gif", ".svg")
+LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def page_links(text: str, nbs_dir: Path, missing: list[str], name: str) -> str:
+    "A docs/*.md page's links, written for the repository, rewritten for the page staged at <site>/docs/<name>."
+    def one(m):
+        bang, label, url = m.groups()
+        u = urlsplit(url)
+        if u.scheme or u.netloc or url.startswith(("#", "mailto:")): return m.group(0)
+        frag = f"#{u.fragment}" if u.fragment else ""
+        target = (PAGES / unquote(u.path)).resolve()
+        if target.parent == PAGES and target.suffix == ".md" and target.is_file(): return m.group(0)   # a sibling page
+        if bang and target.is_relative_to(ROOT / "figures") and target.suffix in IMAGES and target.is_file():
+            return f"{bang}[{label}](../../figures/{target.relative_to(ROOT / 'figures').as_posix()})"
+        if target.is_relative_to(ROOT / "nbs") and target.suffix == ".ipynb":
+            rel = target.relative_to(ROOT / "nbs").as_posix()
+            if (nbs_dir / rel).is_file(): return f"{bang}[{label}](../{rel}{frag})"
+        if not target.exists(): missing.append(f"docs/{name}: {url}")
+        return label                            # a repository file the site does not hold: its text, no link
+    parts = re.split(r"(^```.*?^```)", text, flags=re.S | re.M)       # leave fenced code alone
+    return "".join(p if i % 2 else LINK.sub(one, p) for i, p in enumerate(parts))
+
+
+def stage_pages(dest: Path, nbs_dir: Path) -> tuple[list[str], list[str]]:
+    "Stage docs/*.md under dest/docs/; returns (their document names, links to files that do not exist)."
+    names, missing = [], []
+    for md in sorted(PAGES.glob("*.md")):
+        out = dest / "docs" / md.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page_links(md.read_text(), nbs_dir, missing, md.name))
+        names.append(f"docs/{md.stem}")
+    return names, missing
+
+
 def stage(dest: Path, execute_nbs: bool, logs: Path, jobs: int, timeout: int, nbs_dir: Path = NBS,
-          api: bool = True) -> list[str]:
-    "Stage the notebooks (executed where asked) and the API pages under dest; returns the notebooks that failed."
+          api: bool = True) -> tuple[list[str], list[str]]:
+    """Stage the notebooks (executed where asked), the API pages and the docs/*.md pages under dest; returns the
+    notebooks that failed and the links of the pages to files that do not exist."""
     import nbformat
 
     flags = tst_flags()
@@ -196,6 +236,7 @@ def stage(dest: Path, execute_nbs: bool, logs: Path, jobs: int, timeout: int, nb
             if err: failed.append(rel)
 
     modules = module_pages(dest) if api else []
+    pages, missing = stage_pages(dest, nbs_dir)
     index = dest / "index.ipynb"
     nb = nbformat.read(index, as_version=4)
     entry = [r[:-6] for r in nbs if r[:-6] in ENTRY]
@@ -203,11 +244,12 @@ def stage(dest: Path, execute_nbs: bool, logs: Path, jobs: int, timeout: int, nb
     library = [r[:-6] for r in library]
     other = [r[:-6] for r in nbs if r[:-6] not in {*library, *entry, *paper, "index"}]
     nb.cells.append(nbformat.v4.new_markdown_cell(
-        toctree("Library", library) + toctree("Entry notebooks", entry) + toctree("Paper", paper)
+        (toctree("Guides", pages) if pages else "") + toctree("Library", library) + toctree("Entry notebooks", entry)
+        + toctree("Paper", paper)
         + (toctree("Other notebooks", other) if other else "") + (toctree("Reference", ["api/index"]) if api else "")))
     nbformat.write(nb, index)
-    print(f"  api/: {len(modules)} module pages")
-    return failed
+    print(f"  api/: {len(modules)} module pages; docs/: {len(pages)} pages")
+    return failed, missing
 
 
 class Links(HTMLParser):
@@ -267,7 +309,7 @@ def main(argv=None) -> int:
     (stage_dir / ".docs-stage").touch()
     shutil.copytree(ROOT / "figures", stage_dir / "figures")
     print(f"staging notebooks in {src} ({'as committed' if args.no_execute else 'executing the library notebooks'})")
-    failed = stage(src, not args.no_execute, Path(args.logs), args.jobs, args.timeout, Path(args.nbs).resolve(), not args.no_api)
+    failed, missing = stage(src, not args.no_execute, Path(args.logs), args.jobs, args.timeout, Path(args.nbs).resolve(), not args.no_api)
     t1 = time.time()
     print(f"staged in {t1 - t0:.1f} s; running sphinx into {out}")
     warnings, html = stage_dir / "warnings.log", stage_dir / "html"   # myst-nb writes beside its outdir: keep it staged
@@ -285,8 +327,9 @@ def main(argv=None) -> int:
     print(f"sphinx: {t2 - t1:.1f} s, exit {rc}, {len(lines)} warning line(s) ({warnings}), {len(fatal)} about missing files or references")
     for l in fatal: print("  MISSING", l)   # (every warning was printed above as it came, and is in the log)
     for l in bad[:50]: print("  BROKEN LINK", l)
+    for l in missing: print("  MISSING link in", l)
     if failed: print(f"notebooks that failed to execute: {', '.join(failed)}")
-    ok = rc == 0 and not fatal and not bad and not failed
+    ok = rc == 0 and not fatal and not bad and not failed and not missing
     print(f"docs: {'built' if ok else 'FAILED'}: {out / 'index.html'} in {time.time() - t0:.1f} s")
     return 0 if ok else 1
 

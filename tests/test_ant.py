@@ -253,23 +253,23 @@ def test_feature_distance_is_named_honestly_and_sees_collapse():
 # ---------------------------------------------------------------- fine-tuning with ANT
 
 def test_config_validates_ant_fields(tmp_path):
-    with pytest.raises(ValueError, match='needs domain_classifier'):
-        FinetuneConfig(similarity_gamma=1.0)
-    with pytest.raises(ValueError, match='adv_noise_step_size must be > 0'):
-        FinetuneConfig(adv_noise_step_size=0.0)
-    with pytest.raises(ValueError, match='similarity_gamma must be >= 0'):
-        FinetuneConfig(similarity_gamma=-1.0, domain_classifier='x')
+    with pytest.raises(ValueError, match='needs ant_classifier'):
+        FinetuneConfig(ant_gamma=1.0)
+    with pytest.raises(ValueError, match='ant_noise_step_size must be > 0'):
+        FinetuneConfig(ant_noise_step_size=0.0)
+    with pytest.raises(ValueError, match='ant_gamma must be >= 0'):
+        FinetuneConfig(ant_gamma=-1.0, ant_classifier='x')
     with pytest.raises(FileNotFoundError, match='no domain classifier at'):
-        _run(tiny_model(), ToyDataset(), tmp_path, steps=2, similarity_gamma=1.0,
-             domain_classifier=str(tmp_path / 'missing.safetensors'))
+        _run(tiny_model(), ToyDataset(), tmp_path, steps=2, ant_gamma=1.0,
+             ant_classifier=str(tmp_path / 'missing.safetensors'))
     wrong = save_domain_classifier(DomainClassifier(4), tmp_path / 'four.safetensors')
     with pytest.raises(ValueError, match='takes 4 channels but the model 3'):
-        _run(tiny_model(), ToyDataset(), tmp_path, steps=2, similarity_gamma=1.0, domain_classifier=str(wrong))
+        _run(tiny_model(), ToyDataset(), tmp_path, steps=2, ant_gamma=1.0, ant_classifier=str(wrong))
 
 
 def test_finetune_with_all_ant_switches_resumes_exactly(tmp_path, classifier_file):
-    kw = dict(ckpt_every=2, log_every=1, trainable='difffit', adv_noise_steps=3, adv_noise_step_size=0.05,
-              similarity_gamma=5.0, domain_classifier=str(classifier_file), lr_schedule='cosine', warmup_steps=1)
+    kw = dict(ckpt_every=2, log_every=1, trainable='difffit', ant_noise_steps=3, ant_noise_step_size=0.05,
+              ant_gamma=5.0, ant_classifier=str(classifier_file), lr_schedule='cosine', warmup_steps=1)
     ds = few_shot(ToyDataset(), 3, seed=0)
 
     class Stop(Exception): pass
@@ -297,11 +297,11 @@ def test_finetune_with_all_ant_switches_resumes_exactly(tmp_path, classifier_fil
     # ascent a pure rescaling), the adversarial noise raises the first step's loss above that of the standardised
     # draw alone (a negligible step size), and the similarity target changes it
     first = {}
-    for name, extra in [('still', dict(adv_noise_step_size=1e-9)), ('adv', {}),
-                        ('adv+sim', dict(similarity_gamma=5.0, domain_classifier=str(classifier_file)))]:
+    for name, extra in [('still', dict(ant_noise_step_size=1e-9)), ('adv', {}),
+                        ('adv+sim', dict(ant_gamma=5.0, ant_classifier=str(classifier_file)))]:
         model = build_dit('tiny', 4, seed=0, init='diffusers')
-        res = _run(model, ds, tmp_path / name, steps=1, ckpt_every=1, log_every=1, adv_noise_steps=3,
-                   **{'adv_noise_step_size': 0.05, **extra})
+        res = _run(model, ds, tmp_path / name, steps=1, ckpt_every=1, log_every=1, ant_noise_steps=3,
+                   **{'ant_noise_step_size': 0.05, **extra})
         first[name] = read_log(res.run_dir)['mse'][0]
     assert first['adv'] > first['still'] * 1.001 and first['adv+sim'] != first['adv']
 

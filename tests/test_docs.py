@@ -87,6 +87,20 @@ def test_unexecuted_pages_say_so(site):
     assert "not executed for this site" in (site / "paper" / "theorem2.html").read_text()
 
 
+def test_docs_pages_are_in_the_site(site):
+    "Every hand-written page docs/*.md is a page of the site, with its figures shown and its notebook links kept."
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    assert pages
+    for md in pages:
+        page = site / "docs" / f"{md.stem}.html"
+        assert page.is_file(), f"no page for docs/{md.name}"
+        t = tags(page)
+        assert all(local(page, u).is_file() for u in t.imgs if not urlsplit(u).scheme), t.imgs
+        linked = {local(page, h) for h in t.hrefs if not urlsplit(h).scheme}
+        for nb in re.findall(r"\]\(\.\./nbs/([^)#\s]+)\.ipynb", md.read_text()):
+            assert (site / f"{nb}.html").resolve() in linked, f"docs/{md.name} lost its link to nbs/{nb}.ipynb"
+
+
 def test_every_module_has_an_api_page(site):
     for py in sorted((ROOT / "wat_nb").glob("*.py")):
         if py.name.startswith("_"): continue

@@ -47,6 +47,6 @@ def test_few_shot_ant_run_with_input_space_matching(tmp_path, monkeypatch):
     doc = json.loads((run_dir / "matching.json").read_text())
     assert doc["params"]["space"] == "input" and len(set(doc["sigma"])) == 10
     cfg = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["config"]
-    assert cfg["similarity_gamma"] == 5.0 and cfg["adv_noise_steps"] == 2 and cfg["label_map"] == doc["sigma"]
-    assert Path(cfg["domain_classifier"]) == run_dir / "domain_classifier.safetensors"
+    assert cfg["ant_gamma"] == 5.0 and cfg["ant_noise_steps"] == 2 and cfg["label_map"] == doc["sigma"]
+    assert Path(cfg["ant_classifier"]) == run_dir / "domain_classifier.safetensors"
     assert (run_dir / "domain_classifier.safetensors").is_file()

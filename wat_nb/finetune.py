@@ -41,7 +41,7 @@ __all__ = ['FINETUNE_PRESETS', 'CKPT_DIR', 'FINAL_DIR', 'LOG_FIELDS', 'FinetuneC
            'save_final_ema', 'load_finetuned', 'FinetuneResult', 'num_target_classes', 'TrainHooks', 'ant_hooks',
            'finetune', 'read_log', 'plot_loss']
 
-# %% ../nbs/06_finetune.ipynb #e5c93b79
+# %% ../nbs/06_finetune.ipynb #9a62eab7
 _MIXED = ('no', 'bf16', 'fp16')
 _LR_SCHEDULES = ('constant', 'cosine')
 _FINAL_DTYPES = (None, 'bf16', 'fp16', 'fp32')
@@ -77,10 +77,10 @@ class FinetuneConfig:
     allow_tf32: bool = True                    # TF32 matmuls on CUDA in fp32 runs, as DiT's training script
     lr_schedule: str = 'constant'              # 'constant' (DiT) | 'cosine': decay to 0 over the steps after warmup
     trainable: str = 'all'                     # 'all' | 'difffit' (biases, norms, embedding tables; wat_nb.ant)
-    adv_noise_steps: int = 0                   # ANT adversarial noise: gradient-ascent steps on eps (0: plain noise)
-    adv_noise_step_size: float = 0.02          # ANT adversarial noise: ascent step size
-    similarity_gamma: float = 0.0              # ANT similarity guidance gamma (0: plain eps target)
-    domain_classifier: str | None = None       # path of a saved DomainClassifier; required when similarity_gamma > 0
+    ant_noise_steps: int = 0                   # ANT adversarial noise: gradient-ascent steps on eps (0: plain noise)
+    ant_noise_step_size: float = 0.02          # ANT adversarial noise: ascent step size
+    ant_gamma: float = 0.0                     # ANT similarity guidance gamma (0: plain eps target)
+    ant_classifier: str | None = None          # path of a saved DomainClassifier; required when ant_gamma > 0
     final_ema_dtype: str | None = None         # 'bf16' | 'fp16' | 'fp32': also write the final EMA to <run>/final/ema
 
     def __post_init__(self):
@@ -108,12 +108,12 @@ class FinetuneConfig:
         if self.lr_schedule not in _LR_SCHEDULES:
             bad.append(f"lr_schedule must be one of {_LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.trainable not in TRAINABLE: bad.append(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
-        if not isinstance(self.adv_noise_steps, int) or self.adv_noise_steps < 0:
-            bad.append(f"adv_noise_steps must be an int >= 0, got {self.adv_noise_steps!r}")
-        if not self.adv_noise_step_size > 0: bad.append(f"adv_noise_step_size must be > 0, got {self.adv_noise_step_size}")
-        if not self.similarity_gamma >= 0: bad.append(f"similarity_gamma must be >= 0, got {self.similarity_gamma}")
-        if self.similarity_gamma > 0 and not self.domain_classifier:
-            bad.append("similarity_gamma > 0 needs domain_classifier, the path of a saved DomainClassifier "
+        if not isinstance(self.ant_noise_steps, int) or self.ant_noise_steps < 0:
+            bad.append(f"ant_noise_steps must be an int >= 0, got {self.ant_noise_steps!r}")
+        if not self.ant_noise_step_size > 0: bad.append(f"ant_noise_step_size must be > 0, got {self.ant_noise_step_size}")
+        if not self.ant_gamma >= 0: bad.append(f"ant_gamma must be >= 0, got {self.ant_gamma}")
+        if self.ant_gamma > 0 and not self.ant_classifier:
+            bad.append("ant_gamma > 0 needs ant_classifier, the path of a saved DomainClassifier "
                        "(wat_nb.ant.train_domain_classifier + save_domain_classifier)")
         if self.final_ema_dtype not in _FINAL_DTYPES:
             bad.append(f"final_ema_dtype must be one of {_FINAL_DTYPES}, got {self.final_ema_dtype!r}")
@@ -494,7 +494,7 @@ def _prepare_run_dir(run: Path, cfg: FinetuneConfig, step: int):
     _write_text_atomic(run / 'config.json', json.dumps(cfg.to_dict(), indent=1))
     _truncate_log(run / 'log.csv', step)
 
-# %% ../nbs/06_finetune.ipynb #9a9c319c
+# %% ../nbs/06_finetune.ipynb #77982404
 @dataclass
 class TrainHooks:
     "Changes to a training step that leave the loop alone: the noise drawn (`noise`) and the regression target (`target`)."
@@ -502,17 +502,17 @@ class TrainHooks:
     target: object = None    # (noise, xt, t) -> target; None: the noise itself
 
 def ant_hooks(cfg: FinetuneConfig, model, sched, device) -> TrainHooks:
-    "ANT's two changes to a step from `cfg`: adversarial noise (adv_noise_steps > 0), the similarity-guided target (gamma > 0)."
+    "ANT's two changes to a step from `cfg`: adversarial noise (ant_noise_steps > 0), the similarity-guided target (gamma > 0)."
     noise = target = None
-    if cfg.adv_noise_steps:  # ascend the loss in eps: a function of the step's draws and the weights, so resume is exact
-        noise = lambda net, x, t, y, eps, autocast: adversarial_noise(net, x, t, y, eps, sched, cfg.adv_noise_steps,
-                                                                       cfg.adv_noise_step_size, autocast=autocast)
-    if cfg.similarity_gamma > 0:
-        clf = load_domain_classifier(cfg.domain_classifier, device=device)
+    if cfg.ant_noise_steps:  # ascend the loss in eps: a function of the step's draws and the weights, so resume is exact
+        noise = lambda net, x, t, y, eps, autocast: adversarial_noise(net, x, t, y, eps, sched, cfg.ant_noise_steps,
+                                                                       cfg.ant_noise_step_size, autocast=autocast)
+    if cfg.ant_gamma > 0:
+        clf = load_domain_classifier(cfg.ant_classifier, device=device)
         if clf.config['in_channels'] != model.config.in_channels:
-            raise ValueError(f"the domain classifier {cfg.domain_classifier} takes {clf.config['in_channels']} channels "
+            raise ValueError(f"the domain classifier {cfg.ant_classifier} takes {clf.config['in_channels']} channels "
                              f"but the model {model.config.in_channels}: train it on the model's inputs")
-        target = lambda eps, xt, t: similarity_target(eps, xt, t, clf, cfg.similarity_gamma, sched.alphas_cumprod)
+        target = lambda eps, xt, t: similarity_target(eps, xt, t, clf, cfg.ant_gamma, sched.alphas_cumprod)
     return TrainHooks(noise, target)
 
 def _accelerator(cfg: FinetuneConfig, accelerator: Accelerator | None) -> Accelerator:

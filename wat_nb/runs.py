@@ -117,7 +117,7 @@ def dataset_identity(train, test=None) -> dict:
     return out
 
 # %% ../nbs/06b_runs.ipynb #3c1e6a17
-_NOT_IDENTITY = ("output", "ckpt_every", "log_every", "keep_last", "num_workers", "domain_classifier", "label_map",
+_NOT_IDENTITY = ("output", "ckpt_every", "log_every", "keep_last", "num_workers", "ant_classifier", "label_map",
                  "final_ema_dtype")
 
 def run_identity(dataset: dict, profile: str, source: dict, codec: str, image_size: int, method: str,
