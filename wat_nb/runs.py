@@ -21,8 +21,8 @@ from .data import CROPS, data_root, resolve_dataset
 __all__ = ['METHODS', 'RUN_PROFILES', 'MIXED_PRECISIONS', 'MATCH_SPACES', 'PAPER_SOURCE', 'INCOMPLETE', 'check_train_params',
            'paper_weights_present', 'choose_profile', 'dataset_label', 'dataset_fingerprint', 'dataset_identity',
            'run_identity', 'open_run', 'start_run', 'mark_complete', 'check_class_count', 'available_memory',
-           'estimate_train_memory', 'check_batch', 'resolve_run', 'read_run', 'run_test_split', 'score_run_samples',
-           'show_class_grid', 'score_line', 'compare_sample_sets']
+           'estimate_train_memory', 'check_batch', 'resolve_run', 'read_run', 'run_profile', 'run_test_split',
+           'score_run_samples', 'show_class_grid', 'score_line', 'compare_sample_sets']
 
 # %% ../nbs/06b_runs.ipynb #11e9079d
 METHODS = ("wat", "identity", "reinit")
@@ -116,7 +116,7 @@ def dataset_identity(train, test=None) -> dict:
     if test is not None: out |= dict(n_test=len(test), test=dataset_fingerprint(test))
     return out
 
-# %% ../nbs/06b_runs.ipynb #3c1e6a17
+# %% ../nbs/06b_runs.ipynb #d1155adf
 _NOT_IDENTITY = ("output", "ckpt_every", "log_every", "keep_last", "num_workers", "ant_classifier", "label_map",
                  "final_ema_dtype")
 
@@ -223,7 +223,7 @@ def check_batch(model, batch_size: int, n_train: int, mixed_precision: str = "no
                          f"use batch_size {int(fit)} or less")
     return need
 
-# %% ../nbs/06b_runs.ipynb #99c7ec18
+# %% ../nbs/06b_runs.ipynb #a8ff4763
 def resolve_run(run: str = "", dataset: str = "", run_name: str = "", runs_root="runs") -> Path:
     "The folder of a run: `run` as a folder, or as '<label>/<name>' under `runs_root`, else `dataset` + `run_name`."
     root = Path(runs_root)
@@ -245,6 +245,15 @@ def read_run(run_dir) -> dict:
     if (run_dir / INCOMPLETE).exists():
         raise ValueError(f"{run_dir} is incomplete (it stopped before its first checkpoint); rerun nbs/train.ipynb")
     return dict(json.loads((run_dir / "run.json").read_text(encoding="utf-8")), dir=str(run_dir))
+
+def run_profile(info: dict, profile: str = "") -> str:
+    "The profile of a run; `profile`, when given (a notebook parameter), must be the run's: a run has one model and codec."
+    if profile and profile not in RUN_PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; known: {', '.join(RUN_PROFILES)}")
+    if profile and profile != info["profile"]:
+        raise ValueError(f"{info.get('dir', 'the run')} was trained on the {info['profile']} profile (its model and "
+                         f"codec); it cannot be read as {profile!r}. Leave profile empty, or pick a {profile} run")
+    return info["profile"]
 
 def run_test_split(info: dict, image_size: int | None = None, max_per_class: int | None = None):
     "The test split of a run's dataset, read as the run read its training images (folder, held-out share, crop)."
