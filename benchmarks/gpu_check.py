@@ -145,7 +145,7 @@ def device_checks(st: dict, run: Path | None):
         from wat_nb import metrics as M
         cuda = M._cuda(None)
         out = []
-        for ext, layer in (M.PROFILES["paper"]["fid"], M.PROFILES["paper"]["fd_dinov2"]):
+        for ext, layer in (M.METRIC_SPACES["paper"]["fid"], M.METRIC_SPACES["paper"]["fd_dinov2"]):
             fe = create_feature_extractor(ext, [layer], cuda=cuda)
             out.append(check(ext, where(fe)))
         return "; ".join(out)
