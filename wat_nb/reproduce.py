@@ -34,8 +34,8 @@ __all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'SCORES', 'EXTRA_OUTP
            'fewshot_results', 'Step', 'outputs_exist', 'fingerprint', 'stamp_fresh', 'write_stamp', 'preset_steps',
            'run_finished', 'samples_complete', 'metrics_complete', 'sample_set_done', 'pretrained_ready', 'build_plan',
            'check_params', 'check_plan', 'driver_command', 'require_files', 'read_metrics', 'mean_sd',
-           'write_fake_results', 'run_label_lookup', 'target_labels', 'select', 'run_plan', 'fake_plan',
-           'results_markdown', 'write_results', 'parse_knobs', 'main']
+           'write_fake_results', 'run_label_lookup', 'target_labels', 'PaperInputs', 'paper_inputs', 'select',
+           'run_plan', 'fake_plan', 'results_markdown', 'write_results', 'parse_knobs', 'main']
 
 # %% ../nbs/10_reproduce.ipynb #17d0bee5
 def run_name(method: str, seed: int, t_min: int = 0, t_max: int = 1000) -> str:
@@ -551,6 +551,33 @@ def target_labels(model_labels, lookup) -> np.ndarray:
     bad = sorted({int(y) for y in np.asarray(model_labels).ravel()} - set(inv))
     if bad: raise ValueError(f"sample labels {bad[:8]} are not in the run's label lookup {lookup}")
     return np.array([inv[int(y)] for y in np.asarray(model_labels).ravel()], dtype=np.int64)
+
+# %% ../nbs/10_reproduce.ipynb #b8cfa86c
+class PaperInputs(NamedTuple):
+    "What a paper notebook reads: the plan, the root its results are under, the output folder, results, metrics, sidecar params."
+    cfg: PlanConfig
+    root: Path
+    out: str | None
+    results: dict
+    metrics: dict
+    params: dict
+
+def paper_inputs(name: str, profile: str = "mini", smoke: bool = False, overrides: str = "{}", out_dir: str = "",
+                 test: bool = False, test_knobs: dict | None = None, fake_knobs: dict | None = None) -> PaperInputs:
+    "The inputs of the paper notebook `name` (a key of ARTEFACTS); `test`: stand-in results in a temporary folder."
+    import tempfile
+    results_fn, _, images = ARTEFACTS[name]
+    knobs = json.loads(overrides or "{}")
+    cfg = plan_config(profile, smoke, **(dict(knobs, **(test_knobs or {})) if test else knobs))
+    root = repo_root()
+    if test:
+        root, out_dir = Path(tempfile.mkdtemp()), tempfile.mkdtemp()
+        write_fake_results(dataclasses.replace(cfg, **(fake_knobs or {})), root)
+    results = results_fn(cfg)
+    if images: require_files(cfg, [r.samples(cfg) for r in results.values()], name, root)
+    return PaperInputs(cfg, root, out_dir or (str(root / cfg.out_dir) if cfg.out_dir else None), results,
+                       read_metrics(cfg, results, name, root=root),
+                       dict(plan=dataclasses.asdict(cfg), overrides=plan_overrides(cfg)))
 
 # %% ../nbs/10_reproduce.ipynb #ef232c35
 def select(steps: list[Step], only: str | None) -> list[Step]:
