@@ -23,3 +23,20 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, monkeypatch, param
         train_cells_until_start(out_root=str(tmp_path / "runs"), **params)
     assert msg in str(e.value), str(e.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_config_is_the_notebooks_parameters():
+    "One name and one default per knob: TrainConfig's fields are exactly train.ipynb's parameters cell."
+    import dataclasses
+    from wat_nb.reproduce import notebook_parameters
+    from wat_nb.runs import TrainConfig
+    nb = notebook_parameters(ROOT / "nbs" / "train.ipynb")
+    cfg = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert cfg == nb, {k: (cfg.get(k), nb.get(k)) for k in set(cfg) | set(nb) if cfg.get(k) != nb.get(k)}
+
+
+def test_plan_ant_knobs_are_train_parameters():
+    "The plan's ANT knobs are passed to train.ipynb under their own names."
+    from wat_nb.reproduce import plan_config
+    from wat_nb.runs import TRAIN_PARAMS
+    assert set(plan_config().ant) <= set(TRAIN_PARAMS) and set(plan_config().train) <= set(TRAIN_PARAMS)
