@@ -212,7 +212,9 @@ def _pair(tmp_path: Path) -> list:
 @pytest.mark.slow
 def test_jobs_run_independent_steps_at_once(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cwd = os.getcwd()
     res = run_plan(_pair(tmp_path), root=tmp_path, progress=False, echo=lambda *_: None, jobs=2)
+    assert os.getcwd() == cwd                                       # two kernels at once leave this process where it was
     assert res["done"][-1] == "pair/c" and sorted(res["done"][:2]) == ["pair/a", "pair/b"] and not res["failed"]
     threads = max(1, (os.cpu_count() or 1) // 2)
     assert (tmp_path / "a.started").read_text() == str(threads)     # each kernel got its share of the cores

@@ -579,7 +579,7 @@ def paper_inputs(name: str, profile: str = "mini", smoke: bool = False, override
                        read_metrics(cfg, results, name, root=root),
                        dict(plan=dataclasses.asdict(cfg), overrides=plan_overrides(cfg)))
 
-# %% ../nbs/10_reproduce.ipynb #ef232c35
+# %% ../nbs/10_reproduce.ipynb #765a244b
 def select(steps: list[Step], only: str | None) -> list[Step]:
     "The steps whose name matches one of the comma-separated patterns in `only`, with all their dependencies."
     if not only: return list(steps)
@@ -596,8 +596,11 @@ def _execute(step: Step, root: Path, kernel: str):
     log = root / step.log
     log.parent.mkdir(parents=True, exist_ok=True)
     # the kernel's own start-up log (transport warnings) would bury the driver's progress: errors only
+    # the kernel starts in `root` through nbclient's resources path, not papermill's `cwd`, which changes the
+    # working directory of this whole process: two steps at once would race and leave it somewhere else
     pm.execute_notebook(str(root / step.notebook), str(log), parameters=step.params, kernel_name=kernel,
-                        cwd=str(root), progress_bar=False, log_output=False, extra_arguments=QUIET_KERNEL)
+                        resources={"metadata": {"path": str(root)}}, progress_bar=False, log_output=False,
+                        extra_arguments=QUIET_KERNEL)
 
 QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
 
