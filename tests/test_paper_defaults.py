@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from wat_nb.reproduce import ARTEFACTS, EXTRA_OUTPUTS, notebook_parameters, plan_config
+from wat_nb.reproduce import ARTEFACTS, EXTRA_OUTPUTS, plan_config
+from wat_nb.runner import notebook_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_PARAMS = {"runs_root", "out_dir", "wat_run"}     # where things are read and written, not what is computed

@@ -11,14 +11,22 @@ import numpy as np
 import pytest
 
 from wat_nb.core import repo_root
-from wat_nb.reproduce import (Step, build_plan, fake_plan, metrics_complete, plan_config, run_finished, run_plan,
-                              sample_set_done, samples_complete)
+from wat_nb.reproduce import (build_plan, metrics_complete, plan_config, run_finished, sample_set_done,
+                              samples_complete)
+from wat_nb.runner import Step, run_plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_steps import fake_plan  # noqa: E402
+
+TESTS = str(Path(__file__).resolve().parent)
 
 ROOT = repo_root()
 WORKER = """
 import sys
 from pathlib import Path
-from wat_nb.reproduce import fake_plan, run_plan
+sys.path.insert(0, sys.argv[3])
+from fake_steps import fake_plan
+from wat_nb.runner import run_plan
 root, slow = Path(sys.argv[1]), float(sys.argv[2])
 steps = fake_plan(root, 4)
 steps[2].params["sleep"] = slow          # the third step can be made slow, to kill the driver inside it
@@ -48,7 +56,7 @@ def _run(args, **kw):
 def test_kill_then_resume_then_skip(tmp_path):
     root = tmp_path / "plan"
     worker = _worker(tmp_path)
-    proc = subprocess.Popen([sys.executable, str(worker), str(root), "60"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(worker), str(root), "60", TESTS], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     t0 = time.time()
     while _counts(root).get("2.txt", 0) == 0:       # wait until the slow third step has started
@@ -61,13 +69,13 @@ def test_kill_then_resume_then_skip(tmp_path):
     assert (root / "out/0.txt").is_file() and (root / "out/1.txt").is_file()
     assert not (root / "out/3.txt").exists()
 
-    r = _run([str(worker), str(root), "0"])          # resume: only the killed step and the one after it run
+    r = _run([str(worker), str(root), "0", TESTS])          # resume: only the killed step and the one after it run
     assert r.returncode == 0, r.stdout + r.stderr
     assert _counts(root) == {"0.txt": 1, "1.txt": 1, "2.txt": 2, "3.txt": 1}
     assert all((root / f"out/{i}.txt").is_file() for i in range(4))
     assert "2 done, 2 skipped" in r.stdout
 
-    r = _run([str(worker), str(root), "0"])          # everything done: no kernel starts, papermill is not even loaded
+    r = _run([str(worker), str(root), "0", TESTS])          # everything done: no kernel starts, papermill is not even loaded
     assert r.returncode == 0 and "0 done, 4 skipped" in r.stdout, r.stdout + r.stderr
     assert "papermill loaded: False" in r.stdout
     assert _counts(root) == {"0.txt": 1, "1.txt": 1, "2.txt": 2, "3.txt": 1}
@@ -314,7 +322,8 @@ def test_finished_run_at_the_preset_steps(tmp_path):
 
 
 def test_paper_smoke_plan(tmp_path, capsys):
-    from wat_nb.reproduce import check_params, fewshot_results
+    from wat_nb.reproduce import fewshot_results
+    from wat_nb.runner import check_params
     cfg = plan_config("paper", smoke=True, pretrained="/w/pipe", vae="/w/pipe/vae", ant_source="/w/src")
     plan = build_plan(cfg)
     check_params(plan)

@@ -28,7 +28,7 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, monkeypatch, param
 def test_train_config_is_the_notebooks_parameters():
     "One name and one default per knob: TrainConfig's fields are exactly train.ipynb's parameters cell."
     import dataclasses
-    from wat_nb.reproduce import notebook_parameters
+    from wat_nb.runner import notebook_parameters
     from wat_nb.runs import TrainConfig
     nb = notebook_parameters(ROOT / "nbs" / "train.ipynb")
     cfg = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
