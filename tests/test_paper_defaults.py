@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from wat_nb.reproduce import ARTEFACTS, EXTRA_OUTPUTS, plan_config
+from wat_nb.plan import ARTEFACTS, EXTRAS, plan_config
 from wat_nb.runner import notebook_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ NOT_PARAMS = {"runs_root", "out_dir", "wat_run"}     # where things are read and
 def _outputs(name: str) -> tuple:
     "The files whose sidecars carry the notebook's parameters: all of a plan notebook's, an extra's first (its table;"
     "the other files of the matching table record the one m of their heatmap, not the parameter)."
-    return ARTEFACTS[name][1] if name in ARTEFACTS else EXTRA_OUTPUTS[name][:1]
+    return ARTEFACTS[name][1] if name in ARTEFACTS else EXTRAS[name].outputs[:1]
 
 
 def _sidecars(name: str) -> list[Path]:
@@ -52,7 +52,7 @@ def _effective_train(train: dict, defaults: dict) -> dict:
     return {k: train.get(k, defaults.get(k)) for k in ("match_space", "match_m", "match_cap", "match_steps", "match_w")}
 
 
-@pytest.mark.parametrize("name", sorted([*ARTEFACTS, *EXTRA_OUTPUTS]))
+@pytest.mark.parametrize("name", sorted([*ARTEFACTS, *EXTRAS]))
 def test_defaults_are_the_committed_parameters(name):
     sidecars = _sidecars(name)
     if not sidecars: pytest.skip(f"figures/ holds no artefact of {name}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wat_nb.core import repo_root
-from wat_nb.reproduce import (build_plan, metrics_complete, plan_config, run_finished, sample_set_done,
+from wat_nb.plan import (build_plan, metrics_complete, plan_config, run_finished, sample_set_done,
                               samples_complete)
 from wat_nb.runner import Step, run_plan
 
@@ -322,7 +322,7 @@ def test_finished_run_at_the_preset_steps(tmp_path):
 
 
 def test_paper_smoke_plan(tmp_path, capsys):
-    from wat_nb.reproduce import fewshot_results
+    from wat_nb.plan import fewshot_results
     from wat_nb.runner import check_params
     cfg = plan_config("paper", smoke=True, pretrained="/w/pipe", vae="/w/pipe/vae", ant_source="/w/src")
     plan = build_plan(cfg)
@@ -350,6 +350,6 @@ def test_paper_smoke_plan(tmp_path, capsys):
 
 
 def test_results_md_is_the_figures_tables():
-    from wat_nb.reproduce import results_markdown
+    from wat_nb.readers import results_markdown
     assert (ROOT / "RESULTS.md").read_text() == results_markdown(ROOT / "figures"), \
         "RESULTS.md differs from figures/*.md: run `python -m wat_nb.reproduce` (or write_results) to regenerate it"

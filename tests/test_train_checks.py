@@ -37,6 +37,6 @@ def test_train_config_is_the_notebooks_parameters():
 
 def test_plan_ant_knobs_are_train_parameters():
     "The plan's ANT knobs are passed to train.ipynb under their own names."
-    from wat_nb.reproduce import plan_config
+    from wat_nb.plan import plan_config
     from wat_nb.runs import TRAIN_PARAMS
     assert set(plan_config().ant) <= set(TRAIN_PARAMS) and set(plan_config().train) <= set(TRAIN_PARAMS)
