@@ -12,7 +12,10 @@ from train_cells import train_cells_until_start  # noqa: E402
 @pytest.mark.parametrize("params,exc,msg", [
     (dict(dataset="sun"), FileNotFoundError, "SUN397 not found"),
     (dict(dataset="imagenet-xl"), ValueError, "shapes-near"),            # unknown names list the known ones
-    (dict(method="clr"), ValueError, "unknown method 'clr'; known: wat, identity, reinit"),
+    (dict(method="clr"), ValueError, "unknown method 'clr'; known: wat, identity, reinit, true-source"),
+    (dict(dataset="digits", method="true-source"), ValueError, "records the source class of each of its classes"),
+    (dict(snapshots="400,x"), ValueError, "snapshots must be comma-separated positive steps"),
+    (dict(steps=100, snapshots="50,400"), ValueError, "snapshot steps [400] are outside the run's 1..100 steps"),
     (dict(t_min=600, t_max=600), ValueError, "t_min < t_max"),
     (dict(match_space="dino"), ValueError, "unknown match_space 'dino'; known: input, features, both"),
 ])

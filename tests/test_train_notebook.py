@@ -4,8 +4,11 @@ from pathlib import Path
 
 import papermill as pm
 import pytest
+import torch
 
+from wat_nb.data import load_dataset
 from wat_nb.finetune import latest_checkpoint, read_log
+from wat_nb.length import length_curve, list_snapshots, load_snapshot, plateau_step
 from wat_nb.models import build_dit, save_dit
 
 pytestmark = pytest.mark.slow          # end to end through papermill kernels: `make test`, not `make test-fast`
@@ -50,3 +53,22 @@ def test_few_shot_ant_run_with_input_space_matching(tmp_path, monkeypatch):
     assert cfg["ant_gamma"] == 5.0 and cfg["ant_noise_steps"] == 2 and cfg["label_map"] == doc["sigma"]
     assert Path(cfg["ant_classifier"]) == run_dir / "domain_classifier.safetensors"
     assert (run_dir / "domain_classifier.safetensors").is_file()
+
+
+def test_true_source_run_keeps_snapshots_for_its_length_curve(tmp_path, monkeypatch):
+    save_dit(build_dit("tiny", 32, seed=0, sample_size=16), tmp_path / "pre" / "mini")
+    monkeypatch.setenv("WAT_NB_PRETRAINED", str(tmp_path / "pre"))
+    runs = tmp_path / "runs"
+    run(tmp_path, dataset="shapes-mid", method="true-source", steps=6, snapshots="2,6", batch_size=8,
+        out_root=str(runs), mixed_precision="no", grid_per_class=0)
+    run_dir = runs / "shapes-mid" / "true-source-t0-1000-s0"
+    target = load_dataset("shapes-mid", split="test", image_size=16)
+    state = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())
+    assert state["config"]["label_map"] == target.source_classes and state["config"]["ckpt_every"] == 2
+    assert list_snapshots(run_dir) == [2, 6] and not (run_dir / "matching.json").exists()
+    final = load_snapshot(run_dir, 6, device="cpu").state_dict()
+    ema = build_dit("tiny", 32, seed=0, sample_size=16)
+    ema.load_state_dict(final)                                    # the snapshot at the last step is the run's EMA
+    x = torch.from_numpy(target.images[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    curve = length_curve(run_dir, x, torch.as_tensor(target.source_classes)[target.targets[:8]], n_t=2, progress=False)
+    assert sorted(curve) == [2, 6] and all(v > 0 for v in curve.values()) and plateau_step(curve) in (2, 6)

@@ -23,12 +23,12 @@ from .models import PAPER_SOURCE
 # %% auto #0
 __all__ = ['METHODS', 'RUN_PROFILES', 'MIXED_PRECISIONS', 'MATCH_SPACES', 'TRAIN_PARAMS', 'INCOMPLETE', 'TrainConfig',
            'train_config', 'paper_weights_present', 'choose_profile', 'dataset_label', 'dataset_fingerprint',
-           'dataset_identity', 'run_identity', 'open_run', 'start_run', 'mark_complete', 'check_class_count',
-           'available_memory', 'estimate_train_memory', 'check_batch', 'resolve_run', 'read_run', 'run_profile',
-           'run_test_split', 'score_run_samples', 'show_class_grid', 'score_line', 'compare_sample_sets']
+           'dataset_identity', 'run_identity', 'open_run', 'start_run', 'mark_complete', 'true_source_map',
+           'check_class_count', 'available_memory', 'estimate_train_memory', 'check_batch', 'resolve_run', 'read_run',
+           'run_profile', 'run_test_split', 'score_run_samples', 'show_class_grid', 'score_line', 'compare_sample_sets']
 
-# %% ../nbs/06b_runs.ipynb #779c78db
-METHODS = ("wat", "identity", "reinit")
+# %% ../nbs/06b_runs.ipynb #efe6f057
+METHODS = ("wat", "identity", "reinit", "true-source")
 RUN_PROFILES = ("mini", "paper")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 MATCH_SPACES = ("input", "features", "both")
@@ -43,6 +43,7 @@ class TrainConfig:
     pretrained: str = ""
     vae: str = "stabilityai/sd-vae-ft-ema"
     steps: int = -1
+    snapshots: str = ""
     batch_size: int = -1
     lr: float = -1.0
     t_min: int = 0
@@ -89,6 +90,9 @@ class TrainConfig:
             if getattr(self, name) < 0: bad.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.ant_noise_step_size > 0: bad.append(f"ant_noise_step_size must be > 0, got {self.ant_noise_step_size}")
         if not 0 < self.test_frac < 1: bad.append(f"test_frac must be in (0, 1), got {self.test_frac}")
+        try: snaps = [int(x) for x in self.snapshots.replace(" ", "").split(",") if x]
+        except ValueError: snaps = [-1]
+        if min(snaps, default=1) < 1: bad.append(f"snapshots must be comma-separated positive steps, got {self.snapshots!r}")
         if bad: raise ValueError("; ".join(bad))
 
     def for_profile(self, profile: str) -> TrainConfig:
@@ -224,7 +228,14 @@ def mark_complete(run_dir) -> None:
     "Drop the incomplete mark (called once the first checkpoint is on disk)."
     (Path(run_dir) / INCOMPLETE).unlink(missing_ok=True)
 
-# %% ../nbs/06b_runs.ipynb #413293b7
+# %% ../nbs/06b_runs.ipynb #af4bdb2c
+def true_source_map(dataset) -> list:
+    "Target class j -> the source class it was made from, for a dataset that records it (the shapes targets)."
+    src = getattr(dataset, "source_classes", None)
+    if src is None: raise ValueError(f"method 'true-source' needs a dataset that records the source class of each of its "
+                                     f"classes (the shapes targets); {getattr(dataset, 'name', dataset)} does not")
+    return [int(s) for s in src]
+
 def check_class_count(k: int, num_source: int, method: str) -> None:
     "One error when `k` target classes cannot each get their own class of a `num_source`-class model."
     if method != "reinit" and k > num_source:
