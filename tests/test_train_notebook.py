@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import papermill as pm
 import pytest
 import torch
@@ -72,3 +73,12 @@ def test_true_source_run_keeps_snapshots_for_its_length_curve(tmp_path, monkeypa
     x = torch.from_numpy(target.images[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
     curve = length_curve(run_dir, x, torch.as_tensor(target.source_classes)[target.targets[:8]], n_t=2, progress=False)
     assert sorted(curve) == [2, 6] and all(v > 0 for v in curve.values()) and plateau_step(curve) in (2, 6)
+    # the regime map samples each snapshot: labels are the true source classes, the name says the step
+    pm.execute_notebook(str(ROOT / "nbs" / "sample.ipynb"), str(tmp_path / "s.ipynb"), cwd=str(ROOT), progress_bar=False,
+                        kernel_name="python3", parameters=dict(run=str(run_dir), mode="clr", w=0.5, sampler="ddim",
+                                                               steps=2, n_per_class=1, snapshot=2))
+    with np.load(run_dir / "samples" / "clr-w0.5-ddim2-s0-k2.npz") as z:
+        assert z["labels"].tolist() == target.source_classes
+    with pytest.raises(pm.PapermillExecutionError, match=r"no snapshot at step 4; it has \[2, 6\]"):
+        pm.execute_notebook(str(ROOT / "nbs" / "sample.ipynb"), str(tmp_path / "s2.ipynb"), cwd=str(ROOT),
+                            progress_bar=False, kernel_name="python3", parameters=dict(run=str(run_dir), snapshot=4))

@@ -19,10 +19,10 @@ from .gaussian import ddpm_scheduler
 from .models import load_dit
 
 # %% auto #0
-__all__ = ['SNAPSHOT_DIR', 'snapshot_path', 'keep_snapshot', 'list_snapshots', 'load_snapshot', 'snapshot_schedule',
-           'heldout_loss', 'length_curve', 'plateau_step']
+__all__ = ['SNAPSHOT_DIR', 'snapshot_path', 'keep_snapshot', 'list_snapshots', 'check_snapshot', 'load_snapshot',
+           'snapshot_schedule', 'heldout_loss', 'length_curve', 'plateau_step']
 
-# %% ../nbs/06c_length.ipynb #81c198d9
+# %% ../nbs/06c_length.ipynb #40bc98a6
 SNAPSHOT_DIR = "snapshots"
 
 def snapshot_path(run_dir, step: int) -> Path:
@@ -50,13 +50,17 @@ def list_snapshots(run_dir) -> list[int]:
     root = Path(run_dir) / SNAPSHOT_DIR
     return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "state.json").is_file())
 
-def load_snapshot(run_dir, step: int, **load_kw):
-    "The EMA model of `run_dir` at snapshot `step`; a missing one names the steps there are."
+def check_snapshot(run_dir, step: int) -> Path:
+    "The snapshot folder of `run_dir` at `step`; a missing one fails naming the steps there are."
     p = snapshot_path(run_dir, step)
     if not (p / "state.json").is_file():
         raise FileNotFoundError(f"{run_dir} has no snapshot at step {step}; it has {list_snapshots(run_dir) or 'none'} "
                                 f"(train with snapshots='{step}' to keep one)")
-    return load_dit(p / "ema", **load_kw)
+    return p
+
+def load_snapshot(run_dir, step: int, **load_kw):
+    "The EMA model of `run_dir` at snapshot `step` (`load_dit` keywords: device, dtype, ...)."
+    return load_dit(check_snapshot(run_dir, step) / "ema", **load_kw)
 
 # %% ../nbs/06c_length.ipynb #d3273ff9
 def snapshot_schedule(snapshots: str, steps: int, ckpt_every: int) -> tuple[tuple, int]:

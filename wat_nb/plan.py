@@ -33,7 +33,7 @@ def sample_name(mode: str, w: float, steps: int, seed: int, sampler: str = "ddpm
     "Sample set name of `nbs/sample.ipynb`: <mode>-w<w:g>-<sampler><steps>-s<seed>."
     return f"{mode}-w{float(w):g}-{sampler}{int(steps)}-s{int(seed)}"
 
-# %% ../nbs/10_plan.ipynb #ae6123fc
+# %% ../nbs/10_plan.ipynb #db0e99f3
 PROFILES = ("mini", "paper")
 MINI_TARGETS = ("shapes-near", "shapes-mid", "shapes-far", "digits")
 # label of a Table 1-2 column -> (fine-tuning label map, sampling mode)
@@ -44,8 +44,9 @@ SCORES = {"mini": {"fid": "FID (EfficientNet-Lite0)", "fd_mid": "FD (EfficientNe
           "paper": {"fid": "FID", "fd_dinov2": "FD_DINOv2"}}
 # the other notebooks of `make reproduce` (mini profile): notebook -> files they write under figures/
 # the other notebooks of `make reproduce`: notebook -> (files they write under out_dir, what they need). A need is
-# "source model" (the pretraining step, when the plan has one) or "WAT run" (a WAT run of the target named by the
-# notebook's `class_target`, whose matching it shows), resolved by `build_plan`; a notebook with needs gets `runs_root`
+# "source model" (the pretraining step, when the plan has one), "WAT run" (a WAT run of the target named by the
+# notebook's `class_target`, whose matching it shows) or "length runs" (one identity run per `length_targets`, trained
+# `length_steps` with EMA snapshots at `length_snapshots`), resolved by `build_plan`; a notebook with needs gets `runs_root`
 class Extra(NamedTuple):
     outputs: tuple
     needs: tuple = ()
@@ -53,7 +54,8 @@ class Extra(NamedTuple):
 EXTRAS = {"theorem2": Extra(("theorem2_w2.png", "theorem2_table.md")),
           "fig1_trajectories": Extra(("fig1_trajectories.png", "fig1_trajectories.md"), ("WAT run",)),
           "table_matching": Extra(("table_matching.md", "table_matching_classes.md", "fig_matching_costs.png"),
-                                  ("source model",))}
+                                  ("source model",)),
+          "fig_finetune_length": Extra(("fig_finetune_length.png", "fig_finetune_length.md"), ("length runs",))}
 
 @dataclass
 class PlanConfig:
@@ -92,15 +94,20 @@ class PlanConfig:
     ant_source: str = ""                      # source-domain images of ANT's domain classifier (a folder of class
                                               # sub-folders, ImageNet-like); empty: shapes on mini, required on paper
     extras: dict = field(default_factory=lambda: {"theorem2": {"dim": 64, "n_pairs": 8}, "fig1_trajectories": {},
-                                                  "table_matching": {}})  # other paper notebooks -> parameters
+                                                  "table_matching": {}, "fig_finetune_length": {}})  # other paper notebooks -> parameters
+    length_targets: tuple = ("shapes-near", "shapes-mid")  # fine-tuning length figure: one identity run per target (first seed)
+    length_steps: int = 4000                  # ... trained this long
+    length_snapshots: tuple = (250, 500, 1000, 1500, 2000, 3000, 4000)  # ... with EMA snapshots at these steps
     runs_root: str = "runs"                   # runs, samples, logs; relative to the repository root
     out_dir: str = ""                         # tables and figures; empty: figures/
 
     def __post_init__(self):
-        for k in ("targets", "seeds", "table3_targets", "table4_targets", "table4_steps", "clr_scales", "fewshot_targets"):
+        for k in ("targets", "seeds", "table3_targets", "table4_targets", "table4_steps", "clr_scales", "fewshot_targets",
+                  "length_targets", "length_snapshots"):
             v = getattr(self, k)
             setattr(self, k, tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v))
         self.seeds, self.table4_steps = tuple(int(s) for s in self.seeds), tuple(int(s) for s in self.table4_steps)
+        self.length_snapshots = tuple(sorted({int(s) for s in self.length_snapshots}))
         self.clr_scales = tuple(float(w) for w in self.clr_scales)
         bad = []
         if self.profile not in PROFILES: bad.append(f"unknown profile {self.profile!r}; known: {', '.join(PROFILES)}")
@@ -113,6 +120,8 @@ class PlanConfig:
         if not 0 < self.short_t_max < 1000: bad.append(f"short_t_max must be in (0, 1000), got {self.short_t_max}")
         if min(self.clr_scales, default=0) < 0: bad.append(f"CLR scales must be >= 0, got {self.clr_scales}")
         if self.shots < 1 or self.fewshot_steps < 1: bad.append("shots and fewshot_steps must be >= 1")
+        if not all(0 < s <= self.length_steps for s in self.length_snapshots):
+            bad.append(f"length_snapshots must be steps in 1..length_steps ({self.length_steps}), got {self.length_snapshots}")
         missing = {"cfg", "dog", "clr", "hybrid"} - set(self.weights)
         if missing: bad.append(f"weights needs a guidance weight for {sorted(missing)}")
         unknown = set(self.extras) - set(EXTRAS)
@@ -122,7 +131,7 @@ class PlanConfig:
     @property
     def scores(self) -> dict: return SCORES[self.profile]
 
-# %% ../nbs/10_plan.ipynb #43307665
+# %% ../nbs/10_plan.ipynb #e6f0e99d
 PAPER_KNOBS = dict(pretrain=None, finetune_steps=0, n_per_class=0, n_samples=10_000, metrics="fid,kid,prc,fd_dinov2",
                    table3_targets=("food",), table4_targets=("food",), fig2_target="food", fig3_target="food",
                    clr_scales=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0), fewshot_targets=("food",), fewshot_steps=2000,
@@ -135,7 +144,8 @@ SMOKE_KNOBS = dict(targets=("shapes-near",), seeds=(0,), finetune_steps=4,
                    pretrained="runs/smoke/pretrained/mini/model", sampling_steps=4, n_per_class=2,
                    table3_targets=("shapes-near",), table4_targets=("shapes-near",), table4_steps=(2, 4),
                    fig2_target="shapes-near", fig3_target="shapes-near", clr_scales=(0.0, 0.5, 1.0), extras={},
-                   fewshot_targets=("shapes-near",), shots=2, fewshot_steps=3,
+                   fewshot_targets=("shapes-near",), shots=2, fewshot_steps=3, length_targets=("shapes-near",),
+                   length_steps=4, length_snapshots=(2, 4),
                    ant={"trainable": "difffit", "ant_noise_steps": 1, "ant_classifier_steps": 5},
                    runs_root="runs/smoke", out_dir="runs/smoke/figures")
 # the paper profile's smoke setting: the paper plan's structure (VAE latents, the 1000 classes of the source model, the
@@ -168,7 +178,8 @@ def plan_config(profile: str = "mini", smoke: bool = False, **overrides) -> Plan
         t = [x.strip() for x in t.split(",") if x.strip()] if isinstance(t, str) else list(t)
         if t: knobs |= {k: t[0] if k.endswith("_target") else (t[0],) for k in ONE_TARGET_KNOBS}
     cfg = PlanConfig(**{**knobs, **overrides, "profile": profile, "smoke": smoke})
-    used = {*cfg.targets, *cfg.table3_targets, *cfg.table4_targets, cfg.fig2_target, cfg.fig3_target, *cfg.fewshot_targets}
+    used = {*cfg.targets, *cfg.table3_targets, *cfg.table4_targets, cfg.fig2_target, cfg.fig3_target, *cfg.fewshot_targets,
+            *(cfg.length_targets if "fig_finetune_length" in cfg.extras else ())}
     known = _known_targets(cfg.profile)
     unknown = sorted(t for t in used if t not in known and not Path(t).is_dir())
     if unknown: raise ValueError(f"unknown target(s) {unknown} for the {profile} profile; known: {', '.join(known)} "
@@ -324,7 +335,7 @@ def pretrained_ready(step: Step, root: Path) -> bool:
     from wat_nb.models import pretrained_candidates
     return outputs_exist(step, root) or any((d / "config.json").is_file() for d in pretrained_candidates("mini"))
 
-# %% ../nbs/10_plan.ipynb #a1f025d8
+# %% ../nbs/10_plan.ipynb #caf363ae
 def _n_per_class(cfg: PlanConfig, target: str) -> int:
     if cfg.n_per_class: return cfg.n_per_class
     from wat_nb.data import DATASETS, load_dataset
@@ -382,7 +393,16 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
         if t not in cfg.targets: return [], [f"{R}/{t}/wat-*/matching.json"], dict(class_target=t)
         r = _result(cfg, t, "WAT", cfg.seeds[0])
         return [train(r)], [f"{r.run_dir(cfg)}/matching.json"], dict(class_target=t, wat_run=r.run)
-    resolve = {"source model": source_model, "WAT run": wat_run}
+    def length_runs(params):               # an identity run per target, past the plan's length, with snapshots
+        name, deps = f"length-identity-s{cfg.seeds[0]}", []
+        for t in cfg.length_targets:
+            p = dict(dataset=t, method="identity", seed=cfg.seeds[0], out_root=R, **cfg.train, **src, steps=cfg.length_steps,
+                     snapshots=",".join(map(str, cfg.length_snapshots)), run_name=name, grid_per_class=0)
+            deps.append(add(f"train/{target_label(t)}/{name}", "nbs/train.ipynb", p, run_finished, pre,
+                            outputs=(f"{R}/{target_label(t)}/{name}",)))
+        return (deps, [f"{R}/{target_label(t)}/{name}/snapshots/*/state.json" for t in cfg.length_targets],
+                dict(targets=",".join(cfg.length_targets), run_name=name))
+    resolve = {"source model": source_model, "WAT run": wat_run, "length runs": length_runs}
     for name, params in cfg.extras.items():
         deps, inputs, p = [], [], {}
         for need in EXTRAS[name].needs:
