@@ -60,7 +60,8 @@ echo "notebooks: $(( ${#nbs[@]} - nb_failed )) passed, $nb_failed failed"
 
 echo "== pytest"
 marks=(); [ "$MODE" = fast ] && marks=(-m "not slow")
-LAB_CHECK_OUT=$OUT/lab "$BIN/python" -m pytest tests -q -p no:cacheprovider --durations=5 "${marks[@]}" --junitxml="$OUT/pytest.xml"
+# two workers (pytest-xdist), a test file stays on one worker so its module fixtures are built once
+LAB_CHECK_OUT=$OUT/lab "$BIN/python" -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile --durations=5 "${marks[@]}" --junitxml="$OUT/pytest.xml"
 read -r p f s < <("$BIN/python" - <<'PY'
 import xml.etree.ElementTree as ET
 try:

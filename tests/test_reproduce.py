@@ -141,7 +141,7 @@ def _fake_run(run: Path, steps: int, classes: int = 3):
 
 def test_completion_checks_of_the_entry_notebooks(tmp_path):
     cfg = plan_config(seeds=(0,), targets=("shapes-near",), runs_root=str(tmp_path / "runs"), n_per_class=2,
-                      finetune_steps=3)
+                      finetune_steps=3, regime_target="")
     plan = {s.name: s for s in build_plan(cfg)}
     train = plan["train/shapes-near/wat-t0-1000-s0"]
     sample = plan["sample/shapes-near/wat-t0-1000-s0/clr-w0.5-ddpm50-s0"]
@@ -186,7 +186,7 @@ def test_paper_notebook_names_missing_results(tmp_path):
             os.environ.clear(); os.environ.update(old)
     msg = e.value.evalue
     assert e.value.ename == "FileNotFoundError"
-    assert "32 of 32 result files are missing" in msg and "none-w0-ddpm50-s1.metrics.json" in msg
+    assert "54 of 54 result files are missing" in msg and "none-w0-ddpm50-s1.npz" in msg
     assert "python -m wat_nb.reproduce --profile mini" in msg and "--only 'paper/table1_2_transfer'" in msg
     assert not (tmp_path / "fig").exists()
 

@@ -24,11 +24,11 @@ from torchvision.datasets.utils import download_and_extract_archive
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['CROPS', 'IMAGE_EXTS', 'SHAPES', 'HUES', 'FASHION_DIRS', 'FASHION_CLASSES', 'DATASETS', 'DEFAULT_TEST_FRAC',
-           'data_root', 'adm_center_crop', 'to_tensor', 'fit_square', 'ModelTransform', 'load_rgb', 'ImageDataset',
-           'image_grid', 'shape_class_names', 'shape_sdf', 'render_masks', 'make_shapes', 'resize_images',
-           'index_folder', 'DatasetSpec', 'resolve_dataset', 'profile_of', 'load_dataset', 'show_dataset',
-           'verify_images', 'describe_preprocessing']
+__all__ = ['CROPS', 'IMAGE_EXTS', 'SHAPES', 'HUES', 'SHAPES_VERSION', 'FASHION_DIRS', 'FASHION_CLASSES', 'DATASETS',
+           'DEFAULT_TEST_FRAC', 'data_root', 'adm_center_crop', 'to_tensor', 'fit_square', 'ModelTransform', 'load_rgb',
+           'ImageDataset', 'image_grid', 'shape_class_names', 'shape_sdf', 'render_masks', 'make_shapes',
+           'resize_images', 'index_folder', 'DatasetSpec', 'resolve_dataset', 'profile_of', 'load_dataset',
+           'show_dataset', 'verify_images', 'describe_preprocessing']
 
 # %% ../nbs/01_data.ipynb #7a78a010
 def data_root() -> Path:
@@ -284,10 +284,10 @@ def resize_images(x: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((size, size), rs)) for im in x])
 
 # %% ../nbs/01_data.ipynb #017c34cd
-_SHAPES_VERSION = 2  # bump when the generator changes, so old caches are not reused
+SHAPES_VERSION = 2  # bump when the generator changes, so old caches are not reused
 
 def _cache_file(root: Path, name: str, params: dict) -> Path:
-    key = hashlib.sha1(json.dumps({**params, "version": _SHAPES_VERSION}, sort_keys=True).encode()).hexdigest()[:10]
+    key = hashlib.sha1(json.dumps({**params, "version": SHAPES_VERSION}, sort_keys=True).encode()).hexdigest()[:10]
     return Path(root) / "mini" / f"{name}-{key}.npz"
 
 def _build_shapes(name: str, root: Path, n_train: int = 300, n_test: int = 50, seed: int = 0, shift: float = 0.0,

@@ -71,7 +71,7 @@ def snapshot_schedule(snapshots: str, steps: int, ckpt_every: int) -> tuple[tupl
     if bad: raise ValueError(f"snapshot steps {bad} are outside the run's 1..{steps} steps")
     return tuple(want), int(np.gcd.reduce([int(ckpt_every), *want]))
 
-# %% ../nbs/06c_length.ipynb #757ee052
+# %% ../nbs/06c_length.ipynb #e3402f25
 @torch.no_grad()
 def heldout_loss(model, x: torch.Tensor, labels, n_t: int = 10, seed: int = 0, batch_size: int = 64,
                  device=None) -> float:
@@ -82,7 +82,7 @@ def heldout_loss(model, x: torch.Tensor, labels, n_t: int = 10, seed: int = 0, b
     device = torch.device(device) if device is not None else next(model.parameters()).device
     sched = ddpm_scheduler()
     T = sched.config.num_train_timesteps
-    ts = torch.linspace(0, T - 1, n_t).round().long()                      # (n_t,) the fixed grid
+    ts = ((torch.arange(n_t) + 0.5) * T / n_t).long()                      # (n_t,) bin centres: 50, 150, ... for 10
     ab = sched.alphas_cumprod.float()
     model.eval()
     total, count, C = 0.0, 0, x.shape[1]
@@ -99,12 +99,12 @@ def heldout_loss(model, x: torch.Tensor, labels, n_t: int = 10, seed: int = 0, b
             total += ((out - eps[:, k]) ** 2).sum().item(); count += out.numel()
     return total / count
 
-# %% ../nbs/06c_length.ipynb #deb333b5
+# %% ../nbs/06c_length.ipynb #29cc9c4a
 def length_curve(run_dir, x: torch.Tensor, labels, n_t: int = 10, seed: int = 0, batch_size: int = 64, device=None,
                  progress: bool = True) -> dict[int, float]:
     "{step: held-out error} of every snapshot of `run_dir` on inputs x with model labels; cached in <run>/heldout.json."
     run_dir = Path(run_dir)
-    path, key = run_dir / "heldout.json", dict(n=len(x), n_t=int(n_t), seed=int(seed),
+    path, key = run_dir / "heldout.json", dict(n=len(x), n_t=int(n_t), seed=int(seed), grid="centres",
                                                  inputs=float(torch.as_tensor(x).float().abs().sum()))
     try: doc = json.loads(path.read_text())
     except (OSError, ValueError): doc = {}

@@ -17,12 +17,12 @@ import numpy as np
 from .runner import Step, outputs_exist, stamp_fresh
 
 # %% auto #0
-__all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'SCORES', 'EXTRAS', 'PAPER_KNOBS', 'SMOKE_KNOBS', 'PAPER_SMOKE_KNOBS',
-           'ONE_TARGET_KNOBS', 'FEWSHOT_METHODS', 'ARTEFACTS', 'run_name', 'sample_name', 'Extra', 'PlanConfig',
-           'plan_config', 'plan_overrides', 'Result', 'target_label', 'table12_results', 'table3_results',
-           'table4_results', 'fig2_results', 'fig3_results', 'fewshot_results', 'run_state', 'preset_steps',
-           'run_finished', 'samples_complete', 'metrics_complete', 'sample_set_done', 'pretrained_ready', 'build_plan',
-           'check_plan', 'driver_command']
+__all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'TRUE_SOURCE_METHODS', 'SCORES', 'EXTRAS', 'PAPER_KNOBS',
+           'SMOKE_KNOBS', 'PAPER_SMOKE_KNOBS', 'ONE_TARGET_KNOBS', 'FEWSHOT_METHODS', 'REGIME_MODES', 'ARTEFACTS',
+           'run_name', 'sample_name', 'Extra', 'PlanConfig', 'plan_config', 'plan_overrides', 'Result', 'target_label',
+           'table12_results', 'table3_results', 'table4_results', 'fig2_results', 'fig3_results', 'fewshot_results',
+           'regime_results', 'run_state', 'preset_steps', 'run_finished', 'samples_complete', 'metrics_complete',
+           'sample_set_done', 'pretrained_ready', 'build_plan', 'check_plan', 'driver_command']
 
 # %% ../nbs/10_plan.ipynb #17d0bee5
 def run_name(method: str, seed: int, t_min: int = 0, t_max: int = 1000) -> str:
@@ -33,12 +33,15 @@ def sample_name(mode: str, w: float, steps: int, seed: int, sampler: str = "ddpm
     "Sample set name of `nbs/sample.ipynb`: <mode>-w<w:g>-<sampler><steps>-s<seed>."
     return f"{mode}-w{float(w):g}-{sampler}{int(steps)}-s{int(seed)}"
 
-# %% ../nbs/10_plan.ipynb #db0e99f3
+# %% ../nbs/10_plan.ipynb #d55f9fea
 PROFILES = ("mini", "paper")
 MINI_TARGETS = ("shapes-near", "shapes-mid", "shapes-far", "digits")
 # label of a Table 1-2 column -> (fine-tuning label map, sampling mode)
+# (matched: WAT's labels with the samplers of the identity columns, so the remap and the sampler are read apart)
 TRANSFER_METHODS = {"fine-tune": ("identity", "none"), "CFG": ("identity", "cfg"), "DoG": ("identity", "dog"),
-                    "WAT": ("wat", "clr")}
+                    "matched": ("wat", "none"), "matched + CFG": ("wat", "cfg"), "WAT": ("wat", "clr")}
+# a row of its own on targets that record their true source classes: WAT without the matching's errors
+TRUE_SOURCE_METHODS = {"WAT, true-source labels": ("true-source", "clr")}
 # the two scores of every table: metrics.json key -> column label (first: FID-style, second: the other space)
 SCORES = {"mini": {"fid": "FID (EfficientNet-Lite0)", "fd_mid": "FD (EfficientNet-Lite0 mid layer)"},
           "paper": {"fid": "FID", "fd_dinov2": "FD_DINOv2"}}
@@ -95,6 +98,16 @@ class PlanConfig:
                                               # sub-folders, ImageNet-like); empty: shapes on mini, required on paper
     extras: dict = field(default_factory=lambda: {"theorem2": {"dim": 64, "n_pairs": 8}, "fig1_trajectories": {},
                                                   "table_matching": {}, "fig_finetune_length": {}})  # other paper notebooks -> parameters
+    true_source_targets: tuple = ("shapes-near", "shapes-mid", "shapes-far")  # Table 1's true-source row (targets that know them)
+    regime_target: str = ""                   # the regime map (fig_regime): score against fine-tuning length on this
+                                              # target (e.g. shapes-mid, with finetune_steps >= its longest regime_steps); "": none
+    regime_steps: tuple = (400, 1000, 2000)   # ... the snapshots of the target's runs that are sampled (<= finetune_steps)
+    regime_labels: tuple = ("identity", "wat", "true-source")  # ... the runs' label maps
+    regime_weights: tuple = (0.1, 0.2, 0.3, 0.5)  # ... every guidance mode at every weight, beside no guidance
+    regime_seeds: tuple = (0,)                # ... the seeds sampled
+    regime_n_per_class: int = 20              # ... samples per class of each set
+    regime_sampler: str = "ddim"              # ... sampler and steps of its sets
+    regime_sampling_steps: int = 25
     length_targets: tuple = ("shapes-near", "shapes-mid")  # fine-tuning length figure: one identity run per target (first seed)
     length_steps: int = 4000                  # ... trained this long
     length_snapshots: tuple = (250, 500, 1000, 1500, 2000, 3000, 4000)  # ... with EMA snapshots at these steps
@@ -103,11 +116,14 @@ class PlanConfig:
 
     def __post_init__(self):
         for k in ("targets", "seeds", "table3_targets", "table4_targets", "table4_steps", "clr_scales", "fewshot_targets",
-                  "length_targets", "length_snapshots"):
+                  "length_targets", "length_snapshots", "true_source_targets", "regime_steps", "regime_labels",
+                  "regime_weights", "regime_seeds"):
             v = getattr(self, k)
             setattr(self, k, tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v))
         self.seeds, self.table4_steps = tuple(int(s) for s in self.seeds), tuple(int(s) for s in self.table4_steps)
         self.length_snapshots = tuple(sorted({int(s) for s in self.length_snapshots}))
+        self.regime_steps = tuple(sorted({int(s) for s in self.regime_steps}))
+        self.regime_seeds, self.regime_weights = tuple(int(s) for s in self.regime_seeds), tuple(float(w) for w in self.regime_weights)
         self.clr_scales = tuple(float(w) for w in self.clr_scales)
         bad = []
         if self.profile not in PROFILES: bad.append(f"unknown profile {self.profile!r}; known: {', '.join(PROFILES)}")
@@ -120,6 +136,14 @@ class PlanConfig:
         if not 0 < self.short_t_max < 1000: bad.append(f"short_t_max must be in (0, 1000), got {self.short_t_max}")
         if min(self.clr_scales, default=0) < 0: bad.append(f"CLR scales must be >= 0, got {self.clr_scales}")
         if self.shots < 1 or self.fewshot_steps < 1: bad.append("shots and fewshot_steps must be >= 1")
+        if self.regime_target and (not self.regime_steps or not self.regime_seeds or min(self.regime_steps) < 1
+                                   or self.regime_n_per_class < 1 or min(self.regime_weights, default=0) < 0):
+            bad.append("the regime map needs positive regime_steps, regime_seeds, regime_n_per_class and weights >= 0")
+        if self.regime_target and self.finetune_steps and max(self.regime_steps, default=0) > self.finetune_steps:
+            bad.append(f"regime_steps {self.regime_steps} go past finetune_steps ({self.finetune_steps}): the regime map "
+                       f"samples snapshots of the plan's runs")
+        unknown_labels = set(self.regime_labels) - {"identity", "wat", "true-source"}
+        if unknown_labels: bad.append(f"unknown regime_labels {sorted(unknown_labels)}; known: identity, wat, true-source")
         if not all(0 < s <= self.length_steps for s in self.length_snapshots):
             bad.append(f"length_snapshots must be steps in 1..length_steps ({self.length_steps}), got {self.length_snapshots}")
         missing = {"cfg", "dog", "clr", "hybrid"} - set(self.weights)
@@ -131,12 +155,13 @@ class PlanConfig:
     @property
     def scores(self) -> dict: return SCORES[self.profile]
 
-# %% ../nbs/10_plan.ipynb #e6f0e99d
-PAPER_KNOBS = dict(pretrain=None, finetune_steps=0, n_per_class=0, n_samples=10_000, metrics="fid,kid,prc,fd_dinov2",
+# %% ../nbs/10_plan.ipynb #a7a060a3
+PAPER_KNOBS = dict(pretrain=None, finetune_steps=0, regime_target="", true_source_targets=(), n_per_class=0, n_samples=10_000, metrics="fid,kid,prc,fd_dinov2",
                    table3_targets=("food",), table4_targets=("food",), fig2_target="food", fig3_target="food",
                    clr_scales=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0), fewshot_targets=("food",), fewshot_steps=2000,
                    ant={"trainable": "difffit", "ant_noise_steps": 10, "ant_classifier_steps": 1000}, extras={})
-SMOKE_KNOBS = dict(targets=("shapes-near",), seeds=(0,), finetune_steps=4,
+SMOKE_KNOBS = dict(targets=("shapes-near",), seeds=(0,), finetune_steps=4, regime_target="shapes-near", regime_steps=(4,),
+                   regime_labels=("true-source",), regime_weights=(0.5,), regime_n_per_class=1, regime_sampling_steps=2,
                    train=dict(batch_size=8, match_m=2, match_steps=3, match_cap=8),
                    pretrain=dict(preset="unet-tiny", image_size=16, channels="16,32", steps=20,
                                  batch_size=16, warmup_steps=5, ckpt_every=20, judge_per_class=1,
@@ -179,6 +204,7 @@ def plan_config(profile: str = "mini", smoke: bool = False, **overrides) -> Plan
         if t: knobs |= {k: t[0] if k.endswith("_target") else (t[0],) for k in ONE_TARGET_KNOBS}
     cfg = PlanConfig(**{**knobs, **overrides, "profile": profile, "smoke": smoke})
     used = {*cfg.targets, *cfg.table3_targets, *cfg.table4_targets, cfg.fig2_target, cfg.fig3_target, *cfg.fewshot_targets,
+            *([cfg.regime_target] if cfg.regime_target else []),
             *(cfg.length_targets if "fig_finetune_length" in cfg.extras else ())}
     known = _known_targets(cfg.profile)
     unknown = sorted(t for t in used if t not in known and not Path(t).is_dir())
@@ -191,7 +217,7 @@ def plan_overrides(cfg: PlanConfig) -> dict:
     base = dataclasses.asdict(plan_config(cfg.profile, cfg.smoke))
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if v != base[k]}
 
-# %% ../nbs/10_plan.ipynb #6336dc59
+# %% ../nbs/10_plan.ipynb #d7ee3225
 class Result(NamedTuple):
     "One scored sample set: (target, run label map, guidance mode, weight, sampler steps, seed, t_max, sampler, few-shot)."
     target: str
@@ -204,13 +230,16 @@ class Result(NamedTuple):
     sampler: str = "ddpm"
     shots: int = 0                            # > 0: a few-shot run on that many images per class
     ant: bool = False                         # ANT training (similarity-guided target, adversarial noise)
+    snapshot: int = 0                         # > 0: sampled from the run's EMA snapshot at that fine-tuning step
+    per_class: int = 0                        # > 0: samples per class, instead of the plan's n_per_class
 
     @property
     def run(self) -> str:
         tag = ("-ant" if self.ant else "") + (f"-{self.shots}shot" if self.shots else "")
         return run_name(self.method + tag, self.seed, 0, self.t_max)
     @property
-    def name(self) -> str: return sample_name(self.mode, self.w, self.steps, self.seed, self.sampler)
+    def name(self) -> str:
+        return sample_name(self.mode, self.w, self.steps, self.seed, self.sampler) + (f"-k{self.snapshot}" if self.snapshot else "")
     def run_dir(self, cfg) -> str: return f"{cfg.runs_root}/{target_label(self.target)}/{self.run}"
     def samples(self, cfg) -> str: return f"{self.run_dir(cfg)}/samples/{self.name}.npz"
     def metrics(self, cfg) -> str: return f"{self.run_dir(cfg)}/samples/{self.name}.metrics.json"
@@ -228,8 +257,9 @@ def _result(cfg, target, label, seed, steps=None, t_max=1000, w=None) -> Result:
     return Result(target, method, mode, float(w), steps or cfg.sampling_steps, seed, t_max, cfg.sampler)
 
 def table12_results(cfg) -> dict:
-    "Tables 1-2: {(target, method label, seed): Result} for fine-tune / CFG / DoG / WAT."
-    return {(t, m, s): _result(cfg, t, m, s) for t in cfg.targets for m in TRANSFER_METHODS for s in cfg.seeds}
+    "Tables 1-2: {(target, method label, seed): Result} of TRANSFER_METHODS, and TRUE_SOURCE_METHODS where known."
+    methods = lambda t: {**TRANSFER_METHODS, **(TRUE_SOURCE_METHODS if t in cfg.true_source_targets else {})}
+    return {(t, m, s): _result(cfg, t, lm, s) for t in cfg.targets for m, lm in methods(t).items() for s in cfg.seeds}
 
 def table3_results(cfg) -> dict:
     "Table 3: {(target, t_max, seed): Result}, identity runs on [0, 1000) and [0, short_t_max), sampled with CFG."
@@ -262,17 +292,33 @@ def fewshot_results(cfg) -> dict:
     return {(t, m, s): _result(cfg, t, (lm, mode), s)._replace(shots=cfg.shots, ant=ant)
             for t in cfg.fewshot_targets for m, (lm, mode, ant) in FEWSHOT_METHODS.items() for s in cfg.seeds}
 
+REGIME_MODES = ("cfg", "dog", "clr")
+
+def regime_results(cfg) -> dict:
+    "The regime map: {(labels, mode, w, step, seed): Result}, each snapshot of the regime target's runs, no guidance and every mode x w."
+    if not cfg.regime_target: return {}
+    out = {}
+    for lab in cfg.regime_labels:
+        for k in cfg.regime_steps:
+            for s in cfg.regime_seeds:
+                base = Result(cfg.regime_target, lab, "none", 0.0, cfg.regime_sampling_steps, s, 1000, cfg.regime_sampler,
+                              snapshot=k, per_class=cfg.regime_n_per_class)
+                out[lab, "none", 0.0, k, s] = base
+                out |= {(lab, m, w, k, s): base._replace(mode=m, w=w) for m in REGIME_MODES for w in cfg.regime_weights}
+    return out
+
 # the paper notebooks of the transfer results: name -> (results, files written under out_dir, reads sample images)
 ARTEFACTS = {
-    "table1_2_transfer": (table12_results, ("table1_transfer.md", "table2_transfer.md", "table1_2_values.csv"), False),
+    "table1_2_transfer": (table12_results, ("table1_transfer.md", "table2_transfer.md", "table1_2_values.csv"), True),
     "table3_timestep_range": (table3_results, ("table3_timestep_range.md", "table3_values.csv"), False),
     "table4_sampling_steps": (table4_results, ("table4_sampling_steps.md", "table4_values.csv"), False),
     "fig2_hybrid": (fig2_results, ("fig2_hybrid.png", "fig2_hybrid.pdf"), True),
     "fig3_clr_scale": (fig3_results, ("fig3_clr_scale.png", "fig3_clr_values.csv"), False),
     "table_fewshot": (fewshot_results, ("table_fewshot.md", "table_fewshot_values.csv", "fig_fewshot.png"), True),
+    "fig_regime": (regime_results, ("fig_regime.png", "fig_regime.md", "fig_regime_values.csv"), True),
 }
 
-# %% ../nbs/10_plan.ipynb #afc352cd
+# %% ../nbs/10_plan.ipynb #7c9b502c
 def _mtime(p: Path) -> float: return p.stat().st_mtime if p.exists() else -1.0
 
 def run_state(run_dir: Path) -> dict | None:
@@ -309,7 +355,9 @@ def samples_complete(step: Step, root: Path) -> bool:
     "A sample set (outputs[0]) with n_per_class images per class of its run, newer than the run's latest checkpoint."
     npz = Path(root) / step.outputs[0]
     run = npz.parent.parent
-    if not npz.is_file() or _mtime(npz) < _mtime(run / "latest"): return False
+    made_from = run / "snapshots" / f"step-{int(step.params['snapshot']):07d}" / "state.json" if step.params.get("snapshot") \
+        else run / "latest"                   # a snapshot's samples stay valid while the run trains on
+    if not npz.is_file() or _mtime(npz) < _mtime(made_from): return False
     state = run_state(run)
     if state is None: return False
     with np.load(npz) as z: n = len(z["labels"])
@@ -335,7 +383,7 @@ def pretrained_ready(step: Step, root: Path) -> bool:
     from wat_nb.models import pretrained_candidates
     return outputs_exist(step, root) or any((d / "config.json").is_file() for d in pretrained_candidates("mini"))
 
-# %% ../nbs/10_plan.ipynb #caf363ae
+# %% ../nbs/10_plan.ipynb #394881e4
 def _n_per_class(cfg: PlanConfig, target: str) -> int:
     if cfg.n_per_class: return cfg.n_per_class
     from wat_nb.data import DATASETS, load_dataset
@@ -365,13 +413,16 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
                  steps=n_steps)
         if r.shots: p |= dict(shots=r.shots, steps=cfg.fewshot_steps)
         if r.ant: p |= dict(cfg.ant, ant=True) | ({"ant_source": cfg.ant_source} if cfg.ant_source else {})
+        if r.target == cfg.regime_target and not (r.shots or r.ant) and r.t_max == 1000 and cfg.regime_steps:
+            p["snapshots"] = ",".join(map(str, cfg.regime_steps))   # the regime map samples these lengths of this run
         return add(f"train/{target_label(r.target)}/{r.run}", "nbs/train.ipynb", p, run_finished, pre,
                    outputs=(r.run_dir(cfg),))
 
     def result(r: Result) -> str:
         p = dict(dataset=r.target, run_name=r.run, runs_root=R, mode=r.mode, w=r.w, sampler=r.sampler, steps=r.steps,
-                 n_per_class=_n_per_class(cfg, r.target), seed=r.seed, batch_size=cfg.sample_batch_size,
+                 n_per_class=r.per_class or _n_per_class(cfg, r.target), seed=r.seed, batch_size=cfg.sample_batch_size,
                  overwrite=True, metrics=cfg.metrics)  # reached only when stale or missing
+        if r.snapshot: p["snapshot"] = r.snapshot
         if r.mode == "hybrid": p["t_switch"] = cfg.fig2_t_switch
         return add(f"sample/{target_label(r.target)}/{r.run}/{r.name}", "nbs/sample.ipynb", p, sample_set_done,
                    (train(r),), outputs=(r.samples(cfg), r.metrics(cfg)))

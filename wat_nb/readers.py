@@ -17,7 +17,7 @@ from .plan import ARTEFACTS, EXTRAS, PlanConfig, driver_command, plan_config, pl
 
 # %% auto #0
 __all__ = ['require_files', 'read_metrics', 'mean_sd', 'write_fake_results', 'run_label_lookup', 'target_labels', 'PaperInputs',
-           'paper_inputs', 'results_markdown', 'write_results']
+           'paper_inputs', 'set_features', 'real_features', 'results_markdown', 'write_results']
 
 # %% ../nbs/10a_readers.ipynb #01b223f4
 def require_files(cfg: PlanConfig, paths, artefact: str = "", root: Path | None = None) -> Path:
@@ -108,7 +108,25 @@ def paper_inputs(name: str, profile: str = "mini", smoke: bool = False, override
                        read_metrics(cfg, results, name, root=root),
                        dict(plan=dataclasses.asdict(cfg), overrides=plan_overrides(cfg)))
 
-# %% ../nbs/10a_readers.ipynb #88d301a6
+# %% ../nbs/10a_readers.ipynb #e74ae631
+def set_features(cfg: PlanConfig, r, root: Path | None = None, metric: str = "kid") -> tuple[np.ndarray, np.ndarray]:
+    "(features (N, D) in the `metric` space of the plan's profile, model labels (N,)) of result `r`'s sample set."
+    from wat_nb.metrics import METRIC_SPACES, extract_features
+    ext, layer = METRIC_SPACES[cfg.profile][metric]
+    path = Path(root or repo_root()) / r.samples(cfg)
+    with np.load(path) as z: labels = z["labels"]
+    return extract_features(path, ext, [layer], verbose=False)[layer].numpy(), labels
+
+def real_features(cfg: PlanConfig, target: str, split: str, image_size: int, metric: str = "kid",
+                  max_per_class: int | None = None) -> np.ndarray:
+    "Features (N, D) in the `metric` space of the plan's profile of a target's real `split` at `image_size`."
+    from wat_nb.data import load_dataset
+    from wat_nb.metrics import METRIC_SPACES, extract_features
+    ext, layer = METRIC_SPACES[cfg.profile][metric]
+    ds = load_dataset(target, split=split, image_size=image_size, max_per_class=max_per_class)
+    return extract_features(ds, ext, [layer], verbose=False)[layer].numpy()
+
+# %% ../nbs/10a_readers.ipynb #0565aafa
 def _artefact_files(name: str) -> tuple:
     return ARTEFACTS[name][1] if name in ARTEFACTS else EXTRAS[name].outputs
 
@@ -122,7 +140,7 @@ def results_markdown(out_dir) -> str:
         return f"*`{f.name}`: commit {str(meta.get('commit') or '?')[:8]}{dirty}, {str(meta.get('created', ''))[:10]}*\n\n"
     for name in [*EXTRAS, *ARTEFACTS]:
         stems = list(dict.fromkeys(Path(o).stem for o in _artefact_files(name)))
-        tables = [out_dir / f"{st}.md" for st in stems] + sorted(out_dir.glob(f"{stems[0].split('_')[0]}*_values.md"))
+        tables = [out_dir / f"{st}.md" for st in stems]           # its tables, the values behind them included
         tables = [t for t in dict.fromkeys(tables) if t.is_file() and t.name not in seen]
         images = [out_dir / f"{st}.png" for st in stems if (out_dir / f"{st}.png").is_file()]
         if not tables and not images: continue
