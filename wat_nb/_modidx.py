@@ -310,6 +310,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                 'wat_nb.metrics.require_weights': ('metrics.html#require_weights', 'wat_nb/metrics.py'),
                                 'wat_nb.metrics.score_sample_set': ('metrics.html#score_sample_set', 'wat_nb/metrics.py')},
             'wat_nb.models': { 'wat_nb.models._embedder': ('models.html#_embedder', 'wat_nb/models.py'),
+                               'wat_nb.models._preset_fields': ('models.html#_preset_fields', 'wat_nb/models.py'),
                                'wat_nb.models._read_state_dict': ('models.html#_read_state_dict', 'wat_nb/models.py'),
                                'wat_nb.models.build_dit': ('models.html#build_dit', 'wat_nb/models.py'),
                                'wat_nb.models.build_model': ('models.html#build_model', 'wat_nb/models.py'),

@@ -26,7 +26,7 @@ __all__ = ['PRESETS', 'ORIGINAL_FREQ_SHIFT', 'UNET_PRESETS', 'WEIGHTS_NAME', 'PA
            'set_label_table', 'null_label', 'model_fingerprint', 'split_output', 'unet_config', 'build_unet',
            'build_model', 'save_dit', 'load_dit', 'convert_original_dit', 'pretrained_candidates', 'pretrained']
 
-# %% ../nbs/03_models.ipynb #9fa83914
+# %% ../nbs/03_models.ipynb #d9e8dc2d
 _DIT_SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}  # depth, width, heads
 
 PRESETS = {
@@ -36,14 +36,16 @@ PRESETS = {
        for n, (d, w, h) in _DIT_SIZES.items() for p in (2, 4, 8)},
 }
 
+def _preset_fields(kind: str, presets: dict, preset: str, overrides: dict) -> dict:
+    "A copy of presets[preset] with `overrides` applied; an unknown preset or field fails, naming the known ones."
+    if preset not in presets: raise ValueError(f"unknown {kind} preset {preset!r}; known presets: {', '.join(presets)}")
+    bad = set(overrides) - set(presets[preset])
+    if bad: raise ValueError(f"unknown {kind} field(s) {sorted(bad)}; overridable fields: {', '.join(presets[preset])}")
+    return dict(presets[preset]) | overrides
+
 def preset_config(preset: str, **overrides) -> dict:
     "The preset's fields (sample_size, patch_size, in_channels, width, depth, heads, learn_sigma) with `overrides` applied."
-    if preset not in PRESETS:
-        raise ValueError(f"unknown DiT preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    cfg = dict(PRESETS[preset])
-    bad = set(overrides) - set(cfg)
-    if bad: raise ValueError(f"unknown DiT field(s) {sorted(bad)}; overridable fields: {', '.join(cfg)}")
-    cfg.update(overrides)
+    cfg = _preset_fields("DiT", PRESETS, preset, overrides)
     if cfg['width'] % cfg['heads']: raise ValueError(f"width {cfg['width']} is not divisible by heads {cfg['heads']}")
     if cfg['sample_size'] % cfg['patch_size']:
         raise ValueError(f"sample_size {cfg['sample_size']} is not divisible by patch_size {cfg['patch_size']}")
@@ -186,7 +188,7 @@ def split_output(model, out) -> tuple:
     if out.shape[1] == 2 * c: return out[:, :c], out[:, c:]
     raise ValueError(f"output has {out.shape[1]} channels; expected {c} or {2 * c} for {c} input channels")
 
-# %% ../nbs/03_models.ipynb #6d091741
+# %% ../nbs/03_models.ipynb #ec86f427
 UNET_PRESETS = {
     'unet-tiny': dict(sample_size=8, in_channels=3, channels=(16, 32), layers_per_block=1, attention=False),
     'unet-mini': dict(sample_size=16, in_channels=3, channels=(64, 128, 128), layers_per_block=1, attention=False),
@@ -194,12 +196,7 @@ UNET_PRESETS = {
 
 def unet_config(preset: str, **overrides) -> dict:
     "The UNet preset's fields (sample_size, in_channels, channels, layers_per_block, attention) with `overrides`."
-    if preset not in UNET_PRESETS:
-        raise ValueError(f"unknown UNet preset {preset!r}; known presets: {', '.join(UNET_PRESETS)}")
-    cfg = dict(UNET_PRESETS[preset])
-    bad = set(overrides) - set(cfg)
-    if bad: raise ValueError(f"unknown UNet field(s) {sorted(bad)}; overridable fields: {', '.join(cfg)}")
-    cfg.update(overrides)
+    cfg = _preset_fields("UNet", UNET_PRESETS, preset, overrides)
     cfg['channels'] = tuple(int(c) for c in cfg['channels'])
     if not cfg['channels'] or min(cfg['channels']) < 8:
         raise ValueError(f"channels must be a non-empty sequence of widths >= 8, got {cfg['channels']}")
