@@ -33,7 +33,7 @@ def sample_name(mode: str, w: float, steps: int, seed: int, sampler: str = "ddpm
     "Sample set name of `nbs/sample.ipynb`: <mode>-w<w:g>-<sampler><steps>-s<seed>."
     return f"{mode}-w{float(w):g}-{sampler}{int(steps)}-s{int(seed)}"
 
-# %% ../nbs/10_plan.ipynb #d55f9fea
+# %% ../nbs/10_plan.ipynb #68b967e3
 PROFILES = ("mini", "paper")
 MINI_TARGETS = ("shapes-near", "shapes-mid", "shapes-far", "digits")
 # label of a Table 1-2 column -> (fine-tuning label map, sampling mode)
@@ -100,8 +100,8 @@ class PlanConfig:
                                                   "table_matching": {}, "fig_finetune_length": {}})  # other paper notebooks -> parameters
     true_source_targets: tuple = ("shapes-near", "shapes-mid", "shapes-far")  # Table 1's true-source row (targets that know them)
     regime_target: str = ""                   # the regime map (fig_regime): score against fine-tuning length on this
-                                              # target (e.g. shapes-mid, with finetune_steps >= its longest regime_steps); "": none
-    regime_steps: tuple = (400, 1000, 2000)   # ... the snapshots of the target's runs that are sampled (<= finetune_steps)
+                                              # target (e.g. shapes-mid); "": none
+    regime_steps: tuple = (400, 1000, 2000)   # ... the lengths sampled: snapshots of runs of their own trained to the last
     regime_labels: tuple = ("identity", "wat", "true-source")  # ... the runs' label maps
     regime_weights: tuple = (0.1, 0.2, 0.3, 0.5)  # ... every guidance mode at every weight, beside no guidance
     regime_seeds: tuple = (0,)                # ... the seeds sampled
@@ -139,9 +139,6 @@ class PlanConfig:
         if self.regime_target and (not self.regime_steps or not self.regime_seeds or min(self.regime_steps) < 1
                                    or self.regime_n_per_class < 1 or min(self.regime_weights, default=0) < 0):
             bad.append("the regime map needs positive regime_steps, regime_seeds, regime_n_per_class and weights >= 0")
-        if self.regime_target and self.finetune_steps and max(self.regime_steps, default=0) > self.finetune_steps:
-            bad.append(f"regime_steps {self.regime_steps} go past finetune_steps ({self.finetune_steps}): the regime map "
-                       f"samples snapshots of the plan's runs")
         unknown_labels = set(self.regime_labels) - {"identity", "wat", "true-source"}
         if unknown_labels: bad.append(f"unknown regime_labels {sorted(unknown_labels)}; known: identity, wat, true-source")
         if not all(0 < s <= self.length_steps for s in self.length_snapshots):
@@ -217,7 +214,7 @@ def plan_overrides(cfg: PlanConfig) -> dict:
     base = dataclasses.asdict(plan_config(cfg.profile, cfg.smoke))
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if v != base[k]}
 
-# %% ../nbs/10_plan.ipynb #d7ee3225
+# %% ../nbs/10_plan.ipynb #903dcad2
 class Result(NamedTuple):
     "One scored sample set: (target, run label map, guidance mode, weight, sampler steps, seed, t_max, sampler, few-shot)."
     target: str
@@ -232,10 +229,11 @@ class Result(NamedTuple):
     ant: bool = False                         # ANT training (similarity-guided target, adversarial noise)
     snapshot: int = 0                         # > 0: sampled from the run's EMA snapshot at that fine-tuning step
     per_class: int = 0                        # > 0: samples per class, instead of the plan's n_per_class
+    length: int = 0                           # > 0: a run of its own trained this many steps (the regime map's)
 
     @property
     def run(self) -> str:
-        tag = ("-ant" if self.ant else "") + (f"-{self.shots}shot" if self.shots else "")
+        tag = ("-ant" if self.ant else "") + (f"-{self.shots}shot" if self.shots else "") + (f"-{self.length}steps" if self.length else "")
         return run_name(self.method + tag, self.seed, 0, self.t_max)
     @property
     def name(self) -> str:
@@ -302,7 +300,7 @@ def regime_results(cfg) -> dict:
         for k in cfg.regime_steps:
             for s in cfg.regime_seeds:
                 base = Result(cfg.regime_target, lab, "none", 0.0, cfg.regime_sampling_steps, s, 1000, cfg.regime_sampler,
-                              snapshot=k, per_class=cfg.regime_n_per_class)
+                              snapshot=k, per_class=cfg.regime_n_per_class, length=max(cfg.regime_steps))
                 out[lab, "none", 0.0, k, s] = base
                 out |= {(lab, m, w, k, s): base._replace(mode=m, w=w) for m in REGIME_MODES for w in cfg.regime_weights}
     return out
@@ -383,7 +381,7 @@ def pretrained_ready(step: Step, root: Path) -> bool:
     from wat_nb.models import pretrained_candidates
     return outputs_exist(step, root) or any((d / "config.json").is_file() for d in pretrained_candidates("mini"))
 
-# %% ../nbs/10_plan.ipynb #394881e4
+# %% ../nbs/10_plan.ipynb #2f56f334
 def _n_per_class(cfg: PlanConfig, target: str) -> int:
     if cfg.n_per_class: return cfg.n_per_class
     from wat_nb.data import DATASETS, load_dataset
@@ -413,8 +411,8 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
                  steps=n_steps)
         if r.shots: p |= dict(shots=r.shots, steps=cfg.fewshot_steps)
         if r.ant: p |= dict(cfg.ant, ant=True) | ({"ant_source": cfg.ant_source} if cfg.ant_source else {})
-        if r.target == cfg.regime_target and not (r.shots or r.ant) and r.t_max == 1000 and cfg.regime_steps:
-            p["snapshots"] = ",".join(map(str, cfg.regime_steps))   # the regime map samples these lengths of this run
+        if r.length:                          # the regime map's runs: their own length, snapshots at the lengths sampled
+            p |= dict(steps=r.length, snapshots=",".join(map(str, cfg.regime_steps)), run_name=r.run)
         return add(f"train/{target_label(r.target)}/{r.run}", "nbs/train.ipynb", p, run_finished, pre,
                    outputs=(r.run_dir(cfg),))
 
