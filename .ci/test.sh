@@ -44,6 +44,9 @@ else
   bad "pyflakes found problems (see $OUT/pyflakes.log)"; head -20 "$OUT/pyflakes.log"
 fi
 
+# one thread per process: nbdev_test and pytest each run two at once on this 2-core machine
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
 echo "== nbdev_test"
 if [ "$MODE" = fast ]; then
   mapfile -t nbs < <(find nbs -maxdepth 1 -name '0*.ipynb' | sort); sel=(--file_re '^0' --folder_re '^$')
