@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from wat_nb.codecs import (LatentCache, PixelCodec, VAECodec, cache_description, cache_key, cache_latents,
-                           from_uint8, latent_dataset, to_uint8)
+                           latent_dataset)
+from wat_nb.core import from_uint8, to_uint8
 
 
 class Images(Dataset):

@@ -23,6 +23,8 @@ from scipy.ndimage import gaussian_filter
 from torchvision.datasets.utils import download_and_extract_archive
 from tqdm.auto import tqdm
 
+from .core import from_uint8, to_uint8
+
 # %% auto #0
 __all__ = ['CROPS', 'IMAGE_EXTS', 'SHAPES', 'HUES', 'SHAPES_VERSION', 'FASHION_DIRS', 'FASHION_CLASSES', 'DATASETS',
            'DEFAULT_TEST_FRAC', 'data_root', 'adm_center_crop', 'to_tensor', 'fit_square', 'ModelTransform', 'load_rgb',
@@ -50,8 +52,7 @@ def adm_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def to_tensor(img) -> torch.Tensor:
     "PIL image or uint8 array (H, W, 3) -> float32 tensor (3, H, W) in [-1, 1]: x = p / 127.5 - 1."
-    a = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+    return from_uint8(np.asarray(img, dtype=np.uint8))  # (3, H, W)
 
 CROPS = ("center", "pad", "stretch")
 
@@ -138,7 +139,7 @@ def image_grid(images, nrow: int = 8, pad: int = 1, pad_value: int = 255) -> np.
         if x.ndim == 3: x = x[..., None]  # (B, H, W, 1)
     else:
         if x.ndim == 3: x = x[:, None]
-        x = np.clip((x.astype(np.float32) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        x = to_uint8(torch.as_tensor(x))  # (B, H, W, C)
     if x.ndim != 4 or x.shape[-1] not in (1, 3): raise ValueError(f"cannot tile images of shape {images.shape}")
     if x.shape[-1] == 1: x = x.repeat(3, -1)  # (B, H, W, 3)
     b, h, w, _ = x.shape

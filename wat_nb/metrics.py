@@ -29,7 +29,7 @@ from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_
 from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_limits
 
-from .codecs import to_uint8
+from .core import to_uint8
 from .core import atomic_write, atomic_write_text, default_device
 from .data import ImageDataset, ModelTransform, data_root, load_dataset, profile_of
 from .reports import package_versions, provenance
@@ -373,8 +373,9 @@ def reliability_warning(n: int, metrics, extractor: str) -> str | None:
 def evaluate(samples, reference, profile: str = "mini", metrics=("fid", "kid", "prc"), batch_size: int = 64,
              kid_subsets: int = 100, kid_subset_size: int = 1000, prc_neighborhood: int = 3, seed: int = 0,
              cuda: bool | None = None, cache: bool = True, cache_root=None, download: bool = False, out=None,
-             verbose: bool = True) -> dict:
-    "Score `samples` against `reference` (test split): FID, KID, precision/recall (+ fd_mid | fd_dinov2); writes JSON."
+             verbose: bool = True, record: dict | None = None) -> dict:
+    """Score `samples` against `reference` (test split): FID, KID, precision/recall (+ fd_mid | fd_dinov2); writes JSON
+    with the fields of `record` beside the scores."""
     t0 = time.time()
     metrics = _check_metrics(profile, metrics)
     S, R = load_images(samples, "samples"), load_images(reference, "reference", split="test")
@@ -407,6 +408,7 @@ def evaluate(samples, reference, profile: str = "mini", metrics=("fid", "kid", "
     if warning:
         res["warning"] = warning
         warnings.warn(warning, stacklevel=2)
+    res.update(record or {})
     res.update(provenance(params=dict(metrics=list(metrics), batch_size=batch_size, cache=cache),
                           wall_time_s=time.time() - t0, feature_versions=package_versions(FEATURE_PACKAGES)))
     path = metrics_path(samples, out)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from matplotlib.colors import rgb_to_hsv
 from safetensors.torch import load_file, save_file
 
-from .core import atomic_write
+from .core import atomic_write, from_uint8
 from .data import SHAPES_VERSION, HUES, ImageDataset, data_root, load_dataset, make_shapes, resize_images
-from .recognition import Recognizer, as_model_input, predict
+from .recognition import Recognizer, predict
 from .runs import true_source_map
 
 # %% auto #0
@@ -107,7 +107,7 @@ def outline_classifier(image_size: int = 16, n_per_class: int = 10, epochs: int 
         model.load_state_dict(load_file(path))
         return model.eval()
     x, y = _outline_training_set(image_size, n_per_class, seed)
-    x, y = as_model_input(x), torch.as_tensor(y, dtype=torch.long)  # (N, 3, S, S), (N,)
+    x, y = from_uint8(x), torch.as_tensor(y, dtype=torch.long)  # (N, 3, S, S), (N,)
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's random state untouched
         torch.manual_seed(seed)
@@ -134,7 +134,7 @@ def outlined(images: np.ndarray, classifier: Recognizer | None = None) -> np.nda
     x = _check_images(images)
     if x.shape[1] != x.shape[2]: raise ValueError(f"images must be square, got {x.shape[1]}x{x.shape[2]}")
     model = classifier if classifier is not None else outline_classifier(x.shape[1])
-    return predict(model, as_model_input(x)).numpy().astype(bool)
+    return predict(model, from_uint8(x)).numpy().astype(bool)
 
 # %% ../nbs/08d_overshoot.ipynb #991a8d3a
 def _factor_row(images: np.ndarray, source_hue: np.ndarray, classifier) -> dict:

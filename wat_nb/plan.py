@@ -81,6 +81,7 @@ class PlanConfig:
     sample_batch_size: int = 64               # images per sampling batch
     weights: dict = field(default_factory=lambda: {"cfg": 0.5, "dog": 0.5, "clr": 0.5, "hybrid": 0.5})  # w per mode
     metrics: str = "fid,kid,prc,fd_mid"       # what every sample step scores (the tables read SCORES[profile])
+    score_per_class: int = 0                  # score against at most this many test images per class; 0: the whole split
     short_t_max: int = 600                    # Table 3: fine-tuning timesteps drawn from [0, short_t_max)
     table3_targets: tuple = ("shapes-mid",)   # Table 3 rows
     table4_targets: tuple = ("shapes-mid",)   # Table 4 targets
@@ -133,6 +134,7 @@ class PlanConfig:
             bad.append("n_per_class must be positive, or 0 with n_samples positive")
         if self.sampling_steps < 1 or min(self.table4_steps, default=1) < 1: bad.append("sampler steps must be positive")
         if self.finetune_steps < 0: bad.append(f"finetune_steps must be >= 0, got {self.finetune_steps}")
+        if self.score_per_class < 0: bad.append(f"score_per_class must be >= 0, got {self.score_per_class}")
         if not 0 < self.short_t_max < 1000: bad.append(f"short_t_max must be in (0, 1000), got {self.short_t_max}")
         if min(self.clr_scales, default=0) < 0: bad.append(f"CLR scales must be >= 0, got {self.clr_scales}")
         if self.shots < 1 or self.fewshot_steps < 1: bad.append("shots and fewshot_steps must be >= 1")
@@ -161,7 +163,7 @@ SMOKE_KNOBS = dict(targets=("shapes-near",), seeds=(0,), finetune_steps=4, regim
                    regime_labels=("true-source",), regime_weights=(0.5,), regime_n_per_class=1, regime_sampling_steps=2,
                    train=dict(batch_size=8, match_m=2, match_steps=3, match_cap=8),
                    pretrain=dict(preset="unet-tiny", image_size=16, channels="16,32", steps=20,
-                                 batch_size=16, warmup_steps=5, ckpt_every=20, judge_per_class=1,
+                                 batch_size=16, warmup_steps=5, ckpt_every=20, judge_per_class=1, judge_epochs=1,
                                  output="runs/smoke/pretrained/mini"),
                    pretrained="runs/smoke/pretrained/mini/model", sampling_steps=4, n_per_class=2,
                    table3_targets=("shapes-near",), table4_targets=("shapes-near",), table4_steps=(2, 4),
@@ -169,7 +171,7 @@ SMOKE_KNOBS = dict(targets=("shapes-near",), seeds=(0,), finetune_steps=4, regim
                    fewshot_targets=("shapes-near",), shots=2, fewshot_steps=3, length_targets=("shapes-near",),
                    length_steps=4, length_snapshots=(2, 4),
                    ant={"trainable": "difffit", "ant_noise_steps": 1, "ant_classifier_steps": 5},
-                   runs_root="runs/smoke", out_dir="runs/smoke/figures")
+                   score_per_class=4, runs_root="runs/smoke", out_dir="runs/smoke/figures")
 # the paper profile's smoke setting: the paper plan's structure (VAE latents, the 1000 classes of the source model, the
 # paper notebooks, FID and FD_DINOv2) on one target (SUN397, or `--set targets=FOLDER`) and tiny knobs; the source
 # model, VAE and ANT images come from knobs (`--set pretrained=... --set vae=... --set ant_source=...`)
@@ -364,13 +366,15 @@ def samples_complete(step: Step, root: Path) -> bool:
 _METRIC_KEYS = {"fid": "fid", "kid": "kid_mean", "prc": "precision", "fd_mid": "fd_mid", "fd_dinov2": "fd_dinov2"}
 
 def metrics_complete(step: Step, root: Path) -> bool:
-    "A metrics file (outputs[1]) with every score in params['metrics'], newer than its samples (outputs[0])."
+    """A metrics file (outputs[1]) with every score in params['metrics'], newer than its samples (outputs[0]) and scored
+    against the test images params['score_per_class'] asks for."""
     path, npz = Path(root) / step.outputs[1], Path(root) / step.outputs[0]
     if not path.is_file() or _mtime(path) < _mtime(npz): return False
     try: got = json.loads(path.read_text())
     except ValueError: return False
     wanted = [m.strip() for m in str(step.params.get("metrics", "fid")).split(",") if m.strip()]
-    return all(_METRIC_KEYS.get(m, m) in got for m in wanted)
+    same_reference = got.get("reference_per_class", 0) == int(step.params.get("score_per_class", 0))
+    return same_reference and all(_METRIC_KEYS.get(m, m) in got for m in wanted)
 
 def sample_set_done(step: Step, root: Path) -> bool:
     "A sample step's samples (outputs[0]) and their scores (outputs[1]) are complete."
@@ -421,6 +425,7 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
                  n_per_class=r.per_class or _n_per_class(cfg, r.target), seed=r.seed, batch_size=cfg.sample_batch_size,
                  overwrite=True, metrics=cfg.metrics)  # reached only when stale or missing
         if r.snapshot: p["snapshot"] = r.snapshot
+        if cfg.score_per_class: p["score_per_class"] = cfg.score_per_class
         if r.mode == "hybrid": p["t_switch"] = cfg.fig2_t_switch
         return add(f"sample/{target_label(r.target)}/{r.run}/{r.name}", "nbs/sample.ipynb", p, sample_set_done,
                    (train(r),), outputs=(r.samples(cfg), r.metrics(cfg)))

@@ -119,10 +119,12 @@ def set_features(cfg: PlanConfig, r, root: Path | None = None, metric: str = "ki
 
 def real_features(cfg: PlanConfig, target: str, split: str, image_size: int, metric: str = "kid",
                   max_per_class: int | None = None) -> np.ndarray:
-    "Features (N, D) in the `metric` space of the plan's profile of a target's real `split` at `image_size`."
+    """Features (N, D) in the `metric` space of the plan's profile of a target's real `split` at `image_size`; the test
+    split is capped as the plan's scores were (`score_per_class`) unless `max_per_class` is given."""
     from wat_nb.data import load_dataset
     from wat_nb.metrics import METRIC_SPACES, extract_features
     ext, layer = METRIC_SPACES[cfg.profile][metric]
+    if max_per_class is None and split == "test": max_per_class = cfg.score_per_class or None
     ds = load_dataset(target, split=split, image_size=image_size, max_per_class=max_per_class)
     return extract_features(ds, ext, [layer], verbose=False)[layer].numpy()
 

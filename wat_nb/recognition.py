@@ -7,19 +7,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .core import atomic_write, from_uint8
 from .data import HUES, data_root, load_dataset
 from .sampling import guided_eps, sample
 
 # %% auto #0
-__all__ = ['Recognizer', 'as_model_input', 'predict', 'recognizer_path', 'train_recognizer', 'shapes_factors', 'recognition',
-           'judge_model']
+__all__ = ['Recognizer', 'predict', 'recognizer_path', 'train_recognizer', 'shapes_factors', 'recognition', 'judge_model']
 
 # %% ../nbs/08a_recognition.ipynb #20e228c7
 class Recognizer(nn.Module):
@@ -36,10 +35,6 @@ class Recognizer(nn.Module):
     def forward(self, x): return self.net(x)
 
 # %% ../nbs/08a_recognition.ipynb #e9bb5147
-def as_model_input(images: np.ndarray) -> torch.Tensor:
-    "uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1]."
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
 @torch.no_grad()
 def predict(model: Recognizer, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     "Predicted class (N,) of images x (N, 3, H, W) in [-1, 1], in eval mode."
@@ -64,7 +59,7 @@ def train_recognizer(dataset: str = "shapes", image_size: int | None = None, epo
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # initial weights
         model = Recognizer(len(train.classes))
-        x, y = as_model_input(train.images), torch.as_tensor(train.targets)
+        x, y = from_uint8(train.images), torch.as_tensor(train.targets)
         opt = torch.optim.Adam(model.parameters(), lr)
         n_batches = -(-len(x) // batch_size)
         for _ in tqdm(range(epochs), desc=f"recognizer {train.name}", disable=not progress, leave=False):
@@ -74,13 +69,10 @@ def train_recognizer(dataset: str = "shapes", image_size: int | None = None, epo
                 idx = perm[b * batch_size:(b + 1) * batch_size]
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    acc = (predict(model, as_model_input(test.images)) == torch.as_tensor(test.targets)).float().mean().item()
+    acc = (predict(model, from_uint8(test.images)) == torch.as_tensor(test.targets)).float().mean().item()
     if cache and not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(model.state_dict(), str(tmp), metadata=dict(dataset=train.name, image_size=str(train.image_size),
-                                                               test_accuracy=f"{acc:.6f}", epochs=str(epochs)))
-        tmp.replace(path)
+        meta = dict(dataset=train.name, image_size=str(train.image_size), test_accuracy=f"{acc:.6f}", epochs=str(epochs))
+        atomic_write(path, lambda tmp: save_file(model.state_dict(), tmp, metadata=meta))
     return model.eval(), acc
 
 # %% ../nbs/08a_recognition.ipynb #23f43a20

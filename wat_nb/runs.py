@@ -333,11 +333,12 @@ def run_test_split(info: dict, image_size: int | None = None, max_per_class: int
 
 def score_run_samples(info: dict, samples, metrics=("fid", "kid"), batch_size: int = 64, seed: int = 0,
                       max_per_class: int | None = None) -> dict:
-    "`wat_nb.metrics.evaluate` of a run's sample set against the run's test split, at the samples' resolution."
+    """`wat_nb.metrics.evaluate` of a run's sample set against the run's test split, at the samples' resolution (at most
+    `max_per_class` test images per class, recorded as `reference_per_class`: 0 is the whole split)."""
     from wat_nb.metrics import evaluate, load_images
     size = load_images(samples, "samples").shape[-1]
     return evaluate(samples, run_test_split(info, size, max_per_class), profile=info["profile"], metrics=metrics,
-                    batch_size=batch_size, seed=seed)
+                    batch_size=batch_size, seed=seed, record=dict(reference_per_class=max_per_class or 0))
 
 # %% ../nbs/06b_runs.ipynb #9e2f4c0a
 def show_class_grid(images, labels, class_names, per_class: int = 4, max_classes: int = 64, title: str = "",

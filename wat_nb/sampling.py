@@ -20,7 +20,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .codecs import PixelCodec, to_uint8
+from .codecs import PixelCodec
+from .core import to_uint8
 from .core import atomic_write, atomic_write_text, make_dirs
 from .data import image_grid
 from .gaussian import DIT_SCHEDULE, ddpm_alpha_bar, gaussian_fit
