@@ -252,6 +252,23 @@ def test_mini_plan_uses_the_papers_matching_and_figure1_reads_the_table1_run():
     assert list(fig1.inputs) == ["runs/shapes-mid/wat-t0-1000-s0/matching.json"]
 
 
+
+def test_sampler_check_samples_the_regime_snapshots_again_with_the_other_sampler():
+    kw = dict(regime_target="shapes-mid", regime_steps=(500, 1000), regime_weights=(0.2,), regime_labels=("identity",))
+    steps = {s.name: s for s in build_plan(plan_config(sampler_check_step=1000, **kw))}
+    check = steps["paper/table_sampler_check"]
+    run = "sample/shapes-mid/identity-1000steps-t0-1000-s0"
+    assert sorted(d.removeprefix(run + "/") for d in check.deps) == sorted(
+        f"{m}-w{w}-{sp}-s0-k1000" for m, w in [("none", 0), ("cfg", 0.2), ("dog", 0.2), ("clr", 0.2)] for sp in ("ddim25", "ddpm50"))
+    ddpm = steps[f"{run}/clr-w0.2-ddpm50-s0-k1000"]
+    assert (ddpm.params["sampler"], ddpm.params["steps"], ddpm.params["snapshot"]) == ("ddpm", 50, 1000)
+    assert ddpm.deps == ("train/shapes-mid/identity-1000steps-t0-1000-s0",)   # the map's run, not one of its own
+    assert "paper/table_sampler_check" not in {s.name for s in build_plan(plan_config(**kw))}    # off unless asked
+    for bad, msg in [(dict(sampler_check_step=2000), "one of regime_steps"),
+                     (dict(sampler_check_step=1000, sampler_check_sampler="ddim", sampler_check_steps=25), "other than the regime")]:
+        with pytest.raises(ValueError, match=msg): plan_config(**kw, **bad)
+
+
 # ------------------------------------------------------------------ the paper profile: what the plan passes
 
 def _plan(profile="mini", smoke=False, **kw) -> dict:

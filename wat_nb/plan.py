@@ -21,8 +21,8 @@ __all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'TRUE_SOURCE_METHODS'
            'SMOKE_KNOBS', 'PAPER_SMOKE_KNOBS', 'ONE_TARGET_KNOBS', 'FEWSHOT_METHODS', 'REGIME_MODES', 'ARTEFACTS',
            'run_name', 'sample_name', 'Extra', 'PlanConfig', 'plan_config', 'plan_overrides', 'Result', 'target_label',
            'table12_results', 'table3_results', 'table4_results', 'fig2_results', 'fig3_results', 'fewshot_results',
-           'regime_results', 'run_state', 'preset_steps', 'run_finished', 'samples_complete', 'metrics_complete',
-           'sample_set_done', 'pretrained_ready', 'build_plan', 'check_plan', 'driver_command']
+           'regime_results', 'sampler_check_results', 'run_state', 'preset_steps', 'run_finished', 'samples_complete',
+           'metrics_complete', 'sample_set_done', 'pretrained_ready', 'build_plan', 'check_plan', 'driver_command']
 
 # %% ../nbs/10_plan.ipynb #17d0bee5
 def run_name(method: str, seed: int, t_min: int = 0, t_max: int = 1000) -> str:
@@ -109,6 +109,11 @@ class PlanConfig:
     regime_n_per_class: int = 20              # ... samples per class of each set
     regime_sampler: str = "ddim"              # ... sampler and steps of its sets
     regime_sampling_steps: int = 25
+    sampler_check_step: int = 0               # the sampler check (table_sampler_check): the regime map's sets at this length
+                                              # again with the sampler below, to see whether the map's sampler ranks them
+                                              # the same; one of regime_steps, 0: none
+    sampler_check_sampler: str = "ddpm"       # ... its sampler and steps
+    sampler_check_steps: int = 50
     length_targets: tuple = ("shapes-near", "shapes-mid")  # fine-tuning length figure: one identity run per target (first seed)
     length_steps: int = 4000                  # ... trained this long
     length_snapshots: tuple = (250, 500, 1000, 1500, 2000, 3000, 4000)  # ... with EMA snapshots at these steps
@@ -141,6 +146,13 @@ class PlanConfig:
         if self.regime_target and (not self.regime_steps or not self.regime_seeds or min(self.regime_steps) < 1
                                    or self.regime_n_per_class < 1 or min(self.regime_weights, default=0) < 0):
             bad.append("the regime map needs positive regime_steps, regime_seeds, regime_n_per_class and weights >= 0")
+        if self.sampler_check_step and (not self.regime_target or self.sampler_check_step not in self.regime_steps):
+            bad.append(f"sampler_check_step must be one of regime_steps {self.regime_steps} (with a regime_target), "
+                       f"got {self.sampler_check_step}")
+        if self.sampler_check_step and (self.sampler_check_sampler not in ("ddpm", "ddim") or self.sampler_check_steps < 1
+                                        or (self.sampler_check_sampler, self.sampler_check_steps)
+                                        == (self.regime_sampler, self.regime_sampling_steps)):
+            bad.append("the sampler check needs ddpm or ddim with steps >= 1, other than the regime map's own")
         unknown_labels = set(self.regime_labels) - {"identity", "wat", "true-source"}
         if unknown_labels: bad.append(f"unknown regime_labels {sorted(unknown_labels)}; known: identity, wat, true-source")
         if not all(0 < s <= self.length_steps for s in self.length_snapshots):
@@ -166,8 +178,8 @@ SMOKE_KNOBS = dict(targets=("shapes-near",), seeds=(0,), finetune_steps=4, regim
                                  batch_size=16, warmup_steps=5, ckpt_every=20, judge_per_class=1, judge_epochs=1,
                                  output="runs/smoke/pretrained/mini"),
                    pretrained="runs/smoke/pretrained/mini/model", sampling_steps=4, n_per_class=2,
-                   table3_targets=("shapes-near",), table4_targets=("shapes-near",), table4_steps=(2, 4),
-                   fig2_target="shapes-near", fig3_target="shapes-near", clr_scales=(0.0, 0.5, 1.0), extras={},
+                   table3_targets=("shapes-near",), table4_targets=("shapes-near",), table4_steps=(4,),
+                   fig2_target="shapes-near", fig3_target="shapes-near", clr_scales=(0.5,), extras={},
                    fewshot_targets=("shapes-near",), shots=2, fewshot_steps=3, length_targets=("shapes-near",),
                    length_steps=4, length_snapshots=(2, 4),
                    ant={"trainable": "difffit", "ant_noise_steps": 1, "ant_classifier_steps": 5},
@@ -307,6 +319,17 @@ def regime_results(cfg) -> dict:
                 out |= {(lab, m, w, k, s): base._replace(mode=m, w=w) for m in REGIME_MODES for w in cfg.regime_weights}
     return out
 
+def sampler_check_results(cfg) -> dict:
+    """The sampler check: {(labels, mode, w, sampler tag, seed): Result}, the regime map's sets at `sampler_check_step`
+    with the map's sampler (tag e.g. "ddim25") and with the check's (e.g. "ddpm50"): same runs, snapshot and seeds."""
+    if not cfg.sampler_check_step: return {}
+    out = {}
+    for (lab, m, w, k, s), r in regime_results(cfg).items():
+        if k != cfg.sampler_check_step: continue
+        c = r._replace(sampler=cfg.sampler_check_sampler, steps=cfg.sampler_check_steps)
+        out |= {(lab, m, w, f"{x.sampler}{x.steps}", s): x for x in (r, c)}
+    return out
+
 # the paper notebooks of the transfer results: name -> (results, files written under out_dir, reads sample images)
 ARTEFACTS = {
     "table1_2_transfer": (table12_results, ("table1_transfer.md", "table2_transfer.md", "table1_2_values.csv"), True),
@@ -316,6 +339,7 @@ ARTEFACTS = {
     "fig3_clr_scale": (fig3_results, ("fig3_clr_scale.png", "fig3_clr_values.csv"), False),
     "table_fewshot": (fewshot_results, ("table_fewshot.md", "table_fewshot_values.csv", "fig_fewshot.png"), True),
     "fig_regime": (regime_results, ("fig_regime.png", "fig_regime.md", "fig_regime_values.csv"), True),
+    "table_sampler_check": (sampler_check_results, ("table_sampler_check.md", "table_sampler_check_values.csv"), True),
 }
 
 # %% ../nbs/10_plan.ipynb #7c9b502c
