@@ -340,6 +340,7 @@ ARTEFACTS = {
     "table_fewshot": (fewshot_results, ("table_fewshot.md", "table_fewshot_values.csv", "fig_fewshot.png"), True),
     "fig_regime": (regime_results, ("fig_regime.png", "fig_regime.md", "fig_regime_values.csv"), True),
     "table_sampler_check": (sampler_check_results, ("table_sampler_check.md", "table_sampler_check_values.csv"), True),
+    "table_claims": (sampler_check_results, ("table_claims.md",), True),
 }
 
 # %% ../nbs/10_plan.ipynb #7c9b502c
