@@ -253,7 +253,7 @@ def test_mini_plan_uses_the_papers_matching_and_figure1_reads_the_table1_run():
 
 
 
-def test_sampler_check_samples_the_regime_snapshots_again_with_the_other_sampler():
+def test_sampler_check_and_claims_sample_the_regime_snapshots_and_what_the_claims_need():
     kw = dict(regime_target="shapes-mid", regime_steps=(500, 1000), regime_weights=(0.2,), regime_labels=("identity",))
     steps = {s.name: s for s in build_plan(plan_config(sampler_check_step=1000, **kw))}
     check = steps["paper/table_sampler_check"]
@@ -264,6 +264,12 @@ def test_sampler_check_samples_the_regime_snapshots_again_with_the_other_sampler
     assert (ddpm.params["sampler"], ddpm.params["steps"], ddpm.params["snapshot"]) == ("ddpm", 50, 1000)
     assert ddpm.deps == ("train/shapes-mid/identity-1000steps-t0-1000-s0",)   # the map's run, not one of its own
     assert "paper/table_sampler_check" not in {s.name for s in build_plan(plan_config(**kw))}    # off unless asked
+    claims = steps["paper/table_claims"]
+    assert set(check.deps) < set(claims.deps)                        # the check's sets, and the claims' own:
+    assert {f"{run}/cfg-w0.2-ddpm25-s0-k1000", "sample/shapes-mid/identity-1000steps-t0-600-s0/cfg-w0.2-ddpm50-s0-k1000"} \
+        <= set(claims.deps) - set(check.deps)                         # fewer sampler steps, and [0, 600) training
+    short = steps["train/shapes-mid/identity-1000steps-t0-600-s0"]
+    assert (short.params["steps"], short.params["t_max"], short.params["snapshots"]) == (1000, 600, "500,1000")
     for bad, msg in [(dict(sampler_check_step=2000), "one of regime_steps"),
                      (dict(sampler_check_step=1000, sampler_check_sampler="ddim", sampler_check_steps=25), "other than the regime")]:
         with pytest.raises(ValueError, match=msg): plan_config(**kw, **bad)

@@ -363,6 +363,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                              'wat_nb.plan._wanted_steps': ('plan.html#_wanted_steps', 'wat_nb/plan.py'),
                              'wat_nb.plan.build_plan': ('plan.html#build_plan', 'wat_nb/plan.py'),
                              'wat_nb.plan.check_plan': ('plan.html#check_plan', 'wat_nb/plan.py'),
+                             'wat_nb.plan.claims_results': ('plan.html#claims_results', 'wat_nb/plan.py'),
                              'wat_nb.plan.driver_command': ('plan.html#driver_command', 'wat_nb/plan.py'),
                              'wat_nb.plan.fewshot_results': ('plan.html#fewshot_results', 'wat_nb/plan.py'),
                              'wat_nb.plan.fig2_results': ('plan.html#fig2_results', 'wat_nb/plan.py'),

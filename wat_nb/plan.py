@@ -21,8 +21,9 @@ __all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'TRUE_SOURCE_METHODS'
            'SMOKE_KNOBS', 'PAPER_SMOKE_KNOBS', 'ONE_TARGET_KNOBS', 'FEWSHOT_METHODS', 'REGIME_MODES', 'ARTEFACTS',
            'run_name', 'sample_name', 'Extra', 'PlanConfig', 'plan_config', 'plan_overrides', 'Result', 'target_label',
            'table12_results', 'table3_results', 'table4_results', 'fig2_results', 'fig3_results', 'fewshot_results',
-           'regime_results', 'sampler_check_results', 'run_state', 'preset_steps', 'run_finished', 'samples_complete',
-           'metrics_complete', 'sample_set_done', 'pretrained_ready', 'build_plan', 'check_plan', 'driver_command']
+           'regime_results', 'sampler_check_results', 'claims_results', 'run_state', 'preset_steps', 'run_finished',
+           'samples_complete', 'metrics_complete', 'sample_set_done', 'pretrained_ready', 'build_plan', 'check_plan',
+           'driver_command']
 
 # %% ../nbs/10_plan.ipynb #17d0bee5
 def run_name(method: str, seed: int, t_min: int = 0, t_max: int = 1000) -> str:
@@ -114,6 +115,9 @@ class PlanConfig:
                                               # the same; one of regime_steps, 0: none
     sampler_check_sampler: str = "ddpm"       # ... its sampler and steps
     sampler_check_steps: int = 50
+    claims_few_steps: int = 25                # the claims table (table_claims, with the sampler check): WAT against CFG
+                                              # at this many steps of the check's sampler; [0, short_t_max) training
+                                              # by an identity run of its own, as long as sampler_check_step
     length_targets: tuple = ("shapes-near", "shapes-mid")  # fine-tuning length figure: one identity run per target (first seed)
     length_steps: int = 4000                  # ... trained this long
     length_snapshots: tuple = (250, 500, 1000, 1500, 2000, 3000, 4000)  # ... with EMA snapshots at these steps
@@ -149,7 +153,7 @@ class PlanConfig:
         if self.sampler_check_step and (not self.regime_target or self.sampler_check_step not in self.regime_steps):
             bad.append(f"sampler_check_step must be one of regime_steps {self.regime_steps} (with a regime_target), "
                        f"got {self.sampler_check_step}")
-        if self.sampler_check_step and (self.sampler_check_sampler not in ("ddpm", "ddim") or self.sampler_check_steps < 1
+        if self.sampler_check_step and (self.sampler_check_sampler not in ("ddpm", "ddim") or min(self.sampler_check_steps, self.claims_few_steps) < 1
                                         or (self.sampler_check_sampler, self.sampler_check_steps)
                                         == (self.regime_sampler, self.regime_sampling_steps)):
             bad.append("the sampler check needs ddpm or ddim with steps >= 1, other than the regime map's own")
@@ -330,6 +334,20 @@ def sampler_check_results(cfg) -> dict:
         out |= {(lab, m, w, f"{x.sampler}{x.steps}", s): x for x in (r, c)}
     return out
 
+def claims_results(cfg) -> dict:
+    """The claims table: the sampler check's sets, the check's identity-CFG and matched-CLR sets again at
+    `claims_few_steps` sampler steps, and CFG on an identity run fine-tuned on t in [0, short_t_max) for
+    `sampler_check_step` steps (label "identity-short"); keyed as the sampler check."""
+    out = sampler_check_results(cfg)
+    if not out: return out
+    few = f"{cfg.sampler_check_sampler}{cfg.claims_few_steps}"
+    for (lab, m, w, tag, s), r in list(out.items()):
+        if tag != f"{cfg.sampler_check_sampler}{cfg.sampler_check_steps}": continue
+        if (lab, m) in (("identity", "cfg"), ("wat", "clr")): out[lab, m, w, few, s] = r._replace(steps=cfg.claims_few_steps)
+        if (lab, m) in (("identity", "cfg"), ("identity", "none")):
+            out["identity-short", m, w, tag, s] = r._replace(t_max=cfg.short_t_max, length=cfg.sampler_check_step)
+    return out
+
 # the paper notebooks of the transfer results: name -> (results, files written under out_dir, reads sample images)
 ARTEFACTS = {
     "table1_2_transfer": (table12_results, ("table1_transfer.md", "table2_transfer.md", "table1_2_values.csv"), True),
@@ -340,7 +358,7 @@ ARTEFACTS = {
     "table_fewshot": (fewshot_results, ("table_fewshot.md", "table_fewshot_values.csv", "fig_fewshot.png"), True),
     "fig_regime": (regime_results, ("fig_regime.png", "fig_regime.md", "fig_regime_values.csv"), True),
     "table_sampler_check": (sampler_check_results, ("table_sampler_check.md", "table_sampler_check_values.csv"), True),
-    "table_claims": (sampler_check_results, ("table_claims.md",), True),
+    "table_claims": (claims_results, ("table_claims.md",), True),
 }
 
 # %% ../nbs/10_plan.ipynb #7c9b502c
@@ -441,7 +459,7 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
         if r.shots: p |= dict(shots=r.shots, steps=cfg.fewshot_steps)
         if r.ant: p |= dict(cfg.ant, ant=True) | ({"ant_source": cfg.ant_source} if cfg.ant_source else {})
         if r.length:                          # the regime map's runs: their own length, snapshots at the lengths sampled
-            p |= dict(steps=r.length, snapshots=",".join(map(str, cfg.regime_steps)), run_name=r.run)
+            p |= dict(steps=r.length, snapshots=",".join(str(k) for k in cfg.regime_steps if k <= r.length), run_name=r.run)
         return add(f"train/{target_label(r.target)}/{r.run}", "nbs/train.ipynb", p, run_finished, pre,
                    outputs=(r.run_dir(cfg),))
 
