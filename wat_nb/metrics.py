@@ -29,8 +29,7 @@ from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_
 from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_limits
 
-from .core import to_uint8
-from .core import atomic_write, atomic_write_text, default_device
+from .core import atomic_write, atomic_write_text, default_device, to_uint8
 from .data import ImageDataset, ModelTransform, data_root, load_dataset, profile_of
 from .reports import package_versions, provenance
 

@@ -153,9 +153,9 @@ class PlanConfig:
         if self.sampler_check_step and (not self.regime_target or self.sampler_check_step not in self.regime_steps):
             bad.append(f"sampler_check_step must be one of regime_steps {self.regime_steps} (with a regime_target), "
                        f"got {self.sampler_check_step}")
-        if self.sampler_check_step and (self.sampler_check_sampler not in ("ddpm", "ddim") or min(self.sampler_check_steps, self.claims_few_steps) < 1
-                                        or (self.sampler_check_sampler, self.sampler_check_steps)
-                                        == (self.regime_sampler, self.regime_sampling_steps)):
+        check = (self.sampler_check_sampler, self.sampler_check_steps)
+        if self.sampler_check_step and (check[0] not in ("ddpm", "ddim") or min(check[1], self.claims_few_steps) < 1
+                                        or check == (self.regime_sampler, self.regime_sampling_steps)):
             bad.append("the sampler check needs ddpm or ddim with steps >= 1, other than the regime map's own")
         unknown_labels = set(self.regime_labels) - {"identity", "wat", "true-source"}
         if unknown_labels: bad.append(f"unknown regime_labels {sorted(unknown_labels)}; known: identity, wat, true-source")
@@ -336,8 +336,8 @@ def sampler_check_results(cfg) -> dict:
 
 def claims_results(cfg) -> dict:
     """The claims table: the sampler check's sets, the check's identity-CFG and matched-CLR sets again at
-    `claims_few_steps` sampler steps, and CFG on an identity run fine-tuned on t in [0, short_t_max) for
-    `sampler_check_step` steps (label "identity-short"); keyed as the sampler check."""
+    `claims_few_steps` sampler steps, and CFG and no guidance on an identity run fine-tuned on t in [0, short_t_max)
+    for `sampler_check_step` steps (label "identity-short"); keyed as the sampler check."""
     out = sampler_check_results(cfg)
     if not out: return out
     few = f"{cfg.sampler_check_sampler}{cfg.claims_few_steps}"

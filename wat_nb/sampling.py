@@ -21,8 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .codecs import PixelCodec
-from .core import to_uint8
-from .core import atomic_write, atomic_write_text, make_dirs
+from .core import atomic_write, atomic_write_text, make_dirs, to_uint8
 from .data import image_grid
 from .gaussian import DIT_SCHEDULE, ddpm_alpha_bar, gaussian_fit
 from .models import model_fingerprint, null_label, split_output
