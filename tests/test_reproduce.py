@@ -186,7 +186,7 @@ def test_paper_notebook_names_missing_results(tmp_path):
             os.environ.clear(); os.environ.update(old)
     msg = e.value.evalue
     assert e.value.ename == "FileNotFoundError"
-    assert "54 of 54 result files are missing" in msg and "none-w0-ddpm50-s1.npz" in msg
+    assert "52 of 52 result files are missing" in msg and "none-w0-ddpm50-s1.npz" in msg
     assert "python -m wat_nb.reproduce --profile mini" in msg and "--only 'paper/table1_2_transfer'" in msg
     assert not (tmp_path / "fig").exists()
 
@@ -242,10 +242,12 @@ def test_one_job_runs_in_order(tmp_path):
     assert not (tmp_path / "b.started").exists()      # b never started: one step at a time, and none after a failure
 
 
-def test_mini_plan_uses_the_papers_matching_and_figure1_reads_the_table1_run():
+def test_mini_plan_matches_in_both_spaces_the_paper_in_its_input_space_and_figure1_reads_the_table1_run():
     steps = {s.name: s for s in build_plan(plan_config())}
     wat = steps["train/shapes-mid/wat-t0-1000-s0"]
-    assert wat.params["match_space"] == "input" and wat.params["match_m"] == 8
+    assert wat.params["match_space"] == "both" and wat.params["match_m"] == 8 and wat.params["steps"] == 1000
+    paper = {s.name: s for s in build_plan(plan_config("paper"))}
+    assert {s.params.get("match_space") for n, s in paper.items() if n.startswith("train/")} == {"input"}
     fig1 = steps["paper/fig1_trajectories"]
     assert fig1.params["class_target"] == "shapes-mid" and fig1.params["wat_run"] == "wat-t0-1000-s0"
     assert "train/shapes-mid/wat-t0-1000-s0" in fig1.deps
@@ -327,7 +329,7 @@ def test_finetune_steps_0_means_the_profiles_preset(tmp_path):
     for profile, extra in (("mini", {}), ("paper", dict(ant_source="/x"))):
         cfg = plan_config(profile, seeds=(0,), finetune_steps=0, runs_root=str(tmp_path / profile), **extra)
         plan = {s.name: s for s in build_plan(cfg)}
-        train = next(s for n, s in plan.items() if n.startswith("train/") and "shot" not in n)
+        train = next(s for n, s in plan.items() if n.startswith("train/") and "shot" not in n and "length" not in n)
         want = FINETUNE_PRESETS[profile]["steps"]
         assert train.params["steps"] == want                             # passed explicitly, never 0
         _fake_run(tmp_path / train.outputs[0], 4)
