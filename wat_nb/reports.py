@@ -77,8 +77,15 @@ def _check_name(name: str):
         raise ValueError(f"artefact names are plain file stems like 'theorem2_w2', got {name!r}")
 
 def _sidecar(base: Path, kind: str, files: list, params, wall_time_s, extra) -> Path:
-    meta = provenance(params, wall_time_s, kind=kind, files=[f.name for f in files], **extra)
-    return atomic_write_text(base.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    "Write <base>.json; a figure and a table of one stem made from the same parameters share it, listing both."
+    meta, path = provenance(params, wall_time_s, kind=kind, files=[f.name for f in files], **extra), base.with_suffix(".json")
+    try: old = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError): old = {}
+    kinds = set(str(old.get("kind", "")).split("+")) - {""}
+    if old.get("params") == meta["params"] and kinds - {kind}:
+        meta = {**old, **meta, "kind": "+".join(sorted(kinds | {kind})),
+                "files": [*old.get("files", []), *(f for f in meta["files"] if f not in old.get("files", []))]}
+    return atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
 
 def save_fig(fig, name: str, params: dict | None = None, out_dir=None, dpi: int = 150,
              wall_time_s: float | None = None, **extra) -> list[Path]:
