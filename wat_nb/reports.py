@@ -20,7 +20,8 @@ from pathlib import Path
 from .core import atomic_write, atomic_write_text, make_dirs, repo_root
 
 # %% auto #0
-__all__ = ['PACKAGES', 'figures_dir', 'git_commit', 'package_versions', 'provenance', 'save_fig', 'to_markdown', 'save_table']
+__all__ = ['PACKAGES', 'OUTPUTS', 'figures_dir', 'git_commit', 'package_versions', 'provenance', 'save_fig', 'to_markdown',
+           'save_table']
 
 # %% ../nbs/09_reports.ipynb #01287b25
 _T0 = time.time()  # wall-clock start of the process that imported this module
@@ -33,15 +34,18 @@ def figures_dir(out_dir: str | Path | None = None) -> Path:
 # %% ../nbs/09_reports.ipynb #9c54dc52
 PACKAGES = ("wat_nb", "torch", "diffusers", "accelerate", "POT", "torch-fidelity", "numpy", "scipy", "matplotlib")
 
+OUTPUTS = ("figures", "RESULTS.md")   # what `make reproduce` writes into the checkout: not a change to what made it
+
 def git_commit(root: str | Path | None = None) -> dict:
-    "The current commit of the checkout and whether its tracked files differ from it; None outside git."
+    "The current commit of the checkout and whether its tracked files other than `OUTPUTS` differ from it; None outside git."
     root = Path(root or repo_root())
     def run(*a):
         return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10)
     try:
         head = run("rev-parse", "HEAD")
         if head.returncode: return dict(commit=None, dirty=None)
-        dirty = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip())
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no", "--", ".",
+                         *(f":(exclude){o}" for o in OUTPUTS)).stdout.strip())
         return dict(commit=head.stdout.strip(), dirty=dirty)
     except (OSError, subprocess.SubprocessError):
         return dict(commit=None, dirty=None)
