@@ -244,37 +244,38 @@ def test_one_job_runs_in_order(tmp_path):
 
 def test_mini_plan_matches_in_both_spaces_the_paper_in_its_input_space_and_figure1_reads_the_table1_run():
     steps = {s.name: s for s in build_plan(plan_config())}
-    wat = steps["train/shapes-mid/wat-t0-1000-s0"]
+    wat = steps["train/shapes-near/wat-t0-1000-s0"]
     assert wat.params["match_space"] == "both" and wat.params["match_m"] == 8 and wat.params["steps"] == 1000
+    long = steps["train/shapes-mid/wat-4000steps-t0-1000-s0"]                 # the regime map's run, read at 1000
+    assert long.params["match_space"] == "both" and long.params["steps"] == 4000 and long.params["snapshots"] == "500,1000,4000"
     paper = {s.name: s for s in build_plan(plan_config("paper"))}
     assert {s.params.get("match_space") for n, s in paper.items() if n.startswith("train/")} == {"input"}
     fig1 = steps["paper/fig1_trajectories"]
-    assert fig1.params["class_target"] == "shapes-mid" and fig1.params["wat_run"] == "wat-t0-1000-s0"
-    assert "train/shapes-mid/wat-t0-1000-s0" in fig1.deps
-    assert list(fig1.inputs) == ["runs/shapes-mid/wat-t0-1000-s0/matching.json"]
+    assert fig1.params["class_target"] == "shapes-mid" and fig1.params["wat_run"] == "wat-4000steps-t0-1000-s0"
+    assert "train/shapes-mid/wat-4000steps-t0-1000-s0" in fig1.deps
+    assert list(fig1.inputs) == ["runs/shapes-mid/wat-4000steps-t0-1000-s0/matching.json"]
 
 
 
-def test_sampler_check_and_claims_sample_the_regime_snapshots_and_what_the_claims_need():
-    kw = dict(regime_target="shapes-mid", regime_steps=(500, 1000), regime_weights=(0.2,), regime_labels=("identity",))
-    steps = {s.name: s for s in build_plan(plan_config(sampler_check_step=1000, **kw))}
-    check = steps["paper/table_sampler_check"]
-    run = "sample/shapes-mid/identity-1000steps-t0-1000-s0"
-    assert sorted(d.removeprefix(run + "/") for d in check.deps) == sorted(
-        f"{m}-w{w}-{sp}-s0-k1000" for m, w in [("none", 0), ("cfg", 0.2), ("dog", 0.2), ("clr", 0.2)] for sp in ("ddim25", "ddpm50"))
-    ddpm = steps[f"{run}/clr-w0.2-ddpm50-s0-k1000"]
-    assert (ddpm.params["sampler"], ddpm.params["steps"], ddpm.params["snapshot"]) == ("ddpm", 50, 1000)
-    assert ddpm.deps == ("train/shapes-mid/identity-1000steps-t0-1000-s0",)   # the map's run, not one of its own
-    assert "paper/table_sampler_check" not in {s.name for s in build_plan(plan_config(**kw))}    # off unless asked
-    claims = steps["paper/table_claims"]
-    assert set(check.deps) < set(claims.deps)                        # the check's sets, and the claims' own:
-    assert {f"{run}/cfg-w0.2-ddpm25-s0-k1000", "sample/shapes-mid/identity-1000steps-t0-600-s0/cfg-w0.2-ddpm50-s0-k1000"} \
-        <= set(claims.deps) - set(check.deps)                         # fewer sampler steps, and [0, 600) training
-    short = steps["train/shapes-mid/identity-1000steps-t0-600-s0"]
-    assert (short.params["steps"], short.params["t_max"], short.params["snapshots"]) == (1000, 600, "500,1000")
-    for bad, msg in [(dict(sampler_check_step=2000), "one of regime_steps"),
-                     (dict(sampler_check_step=1000, sampler_check_sampler="ddim", sampler_check_steps=25), "other than the regime")]:
-        with pytest.raises(ValueError, match=msg): plan_config(**kw, **bad)
+def test_sampler_check_and_claims_read_the_tables_sets_and_the_maps_sets_of_the_same_snapshot():
+    steps = {s.name: s for s in build_plan(plan_config())}
+    deps = lambda name: set(steps[f"paper/{name}"].deps)
+    run = "sample/shapes-mid/wat-4000steps-t0-1000-s0"
+    assert {f"{run}/clr-w0.5-ddpm50-s0-k1000", f"{run}/clr-w0.5-ddim25-s0-k1000", f"{run}/none-w0-ddim25-s0-k1000"} \
+        <= deps("table_sampler_check")
+    tables = deps("table1_2_transfer") | deps("fig3_clr_scale") | deps("table3_timestep_range") | deps("table4_sampling_steps")
+    assert deps("table_sampler_check") <= tables | deps("fig_regime")           # no sets of their own
+    assert deps("table_claims") <= tables | deps("fig_regime")
+    assert {"sample/shapes-mid/identity-t0-600-s0/cfg-w0.5-ddpm50-s0", f"{run}/clr-w0.5-ddpm25-s0-k1000",
+            f"{run}/clr-w0.3-ddim25-s0-k1000"} <= deps("table_claims")          # [0, 600), fewer steps, the map's weights
+    table = steps[f"{run}/clr-w0.5-ddpm50-s0-k1000"]
+    assert (table.params["sampler"], table.params["steps"], table.params["snapshot"], table.params["n_per_class"]) \
+        == ("ddpm", 50, 1000, 50)
+    assert table.deps == ("train/shapes-mid/wat-4000steps-t0-1000-s0",)        # the map's run, at the plan's length
+    off = {s.name for s in build_plan(plan_config(regime_target=""))}
+    assert not {"paper/fig_regime", "paper/table_sampler_check", "paper/table_claims"} & off
+    with pytest.raises(ValueError, match="sampler ddpm or ddim"): plan_config(regime_sampler="euler")
+    with pytest.raises(ValueError, match="unknown knob"): plan_config(sampler_check_step=1000)
 
 
 # ------------------------------------------------------------------ the paper profile: what the plan passes
@@ -329,7 +330,7 @@ def test_finetune_steps_0_means_the_profiles_preset(tmp_path):
     for profile, extra in (("mini", {}), ("paper", dict(ant_source="/x"))):
         cfg = plan_config(profile, seeds=(0,), finetune_steps=0, runs_root=str(tmp_path / profile), **extra)
         plan = {s.name: s for s in build_plan(cfg)}
-        train = next(s for n, s in plan.items() if n.startswith("train/") and "shot" not in n and "length" not in n)
+        train = next(s for n, s in plan.items() if n.startswith("train/") and "shot" not in n and "steps-" not in n)
         want = FINETUNE_PRESETS[profile]["steps"]
         assert train.params["steps"] == want                             # passed explicitly, never 0
         _fake_run(tmp_path / train.outputs[0], 4)

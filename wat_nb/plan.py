@@ -20,10 +20,11 @@ from .runner import Step, outputs_exist, stamp_fresh
 __all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'TRUE_SOURCE_METHODS', 'SCORES', 'EXTRAS', 'PAPER_KNOBS',
            'SMOKE_KNOBS', 'PAPER_SMOKE_KNOBS', 'ONE_TARGET_KNOBS', 'FEWSHOT_METHODS', 'REGIME_MODES', 'ARTEFACTS',
            'run_name', 'sample_name', 'Extra', 'PlanConfig', 'plan_config', 'plan_overrides', 'Result', 'target_label',
-           'table12_results', 'table3_results', 'table4_results', 'fig2_results', 'fig3_results', 'fewshot_results',
-           'regime_results', 'sampler_check_results', 'claims_results', 'run_state', 'preset_steps', 'run_finished',
-           'samples_complete', 'metrics_complete', 'sample_set_done', 'pretrained_ready', 'build_plan', 'check_plan',
-           'driver_command']
+           'plan_steps', 'regime_length', 'in_regime_run', 'table12_results', 'table3_results', 'table4_results',
+           'fig2_results', 'fig3_results', 'fewshot_results', 'regime_modes', 'regime_results', 'tag',
+           'sampler_check_results', 'claims_results', 'run_state', 'preset_steps', 'run_finished', 'samples_complete',
+           'metrics_complete', 'sample_set_done', 'pretrained_ready', 'length_run', 'is_length_run', 'build_plan',
+           'check_plan', 'driver_command']
 
 # %% ../nbs/10_plan.ipynb #17d0bee5
 def run_name(method: str, seed: int, t_min: int = 0, t_max: int = 1000) -> str:
@@ -34,7 +35,7 @@ def sample_name(mode: str, w: float, steps: int, seed: int, sampler: str = "ddpm
     "Sample set name of `nbs/sample.ipynb`: <mode>-w<w:g>-<sampler><steps>-s<seed>."
     return f"{mode}-w{float(w):g}-{sampler}{int(steps)}-s{int(seed)}"
 
-# %% ../nbs/10_plan.ipynb #68b967e3
+# %% ../nbs/10_plan.ipynb #be0c87ea
 PROFILES = ("mini", "paper")
 MINI_TARGETS = ("shapes-near", "shapes-mid", "shapes-far", "digits")
 # label of a Table 1-2 column -> (fine-tuning label map, sampling mode)
@@ -99,26 +100,21 @@ class PlanConfig:
     ant_source: str = ""                      # source-domain images of ANT's domain classifier (a folder of class
                                               # sub-folders, ImageNet-like); empty: shapes on mini, required on paper
     extras: dict = field(default_factory=lambda: {"theorem2": {"dim": 64, "n_pairs": 8}, "fig1_trajectories": {},
-                                                  "table_matching": {}, "fig_finetune_length": {}})  # other paper notebooks -> parameters
+                                                  "table_matching": {"m": "8"}, "fig_finetune_length": {}})  # other paper notebooks -> parameters
     # Table 1's true-source row (targets that know them; on shapes-near both-space matching finds all 10 sources)
     true_source_targets: tuple = ("shapes-mid", "shapes-far")
-    regime_target: str = ""                   # the regime map (fig_regime): score against fine-tuning length on this
-                                              # target (e.g. shapes-mid); "": none
-    regime_steps: tuple = (400, 1000, 2000)   # ... the lengths sampled: snapshots of runs of their own trained to the last
-    regime_labels: tuple = ("identity", "wat", "true-source")  # ... the runs' label maps
+    # the regime map (fig_regime): score against fine-tuning length on this target; "": none. Its runs (one per label
+    # map and seed) train to the longest length once, keeping EMA snapshots; they are also the runs every table of
+    # that target reads, at the snapshot of the plan's length (the same weights as a run that stops there: constant
+    # learning rate, data order and noise drawn per step from the seed)
+    regime_target: str = "shapes-mid"
+    regime_steps: tuple = (500, 1000, 4000)   # ... the lengths sampled (snapshots)
+    regime_labels: tuple = ("identity", "wat")  # ... the runs' label maps (also: true-source)
     regime_weights: tuple = (0.1, 0.2, 0.3, 0.5)  # ... every guidance mode at every weight, beside no guidance
     regime_seeds: tuple = (0,)                # ... the seeds sampled
     regime_n_per_class: int = 20              # ... samples per class of each set
-    regime_sampler: str = "ddim"              # ... sampler and steps of its sets
-    regime_sampling_steps: int = 25
-    sampler_check_step: int = 0               # the sampler check (table_sampler_check): the regime map's sets at this length
-                                              # again with the sampler below, to see whether the map's sampler ranks them
-                                              # the same; one of regime_steps, 0: none
-    sampler_check_sampler: str = "ddpm"       # ... its sampler and steps
-    sampler_check_steps: int = 50
-    claims_few_steps: int = 25                # the claims table (table_claims, with the sampler check): WAT against CFG
-                                              # at this many steps of the check's sampler; [0, short_t_max) training
-                                              # by an identity run of its own, as long as sampler_check_step
+    regime_sampler: str = "ddim"              # ... sampler and steps of its sets; the sampler check (table_sampler_check)
+    regime_sampling_steps: int = 25           # compares them with the tables' sets of the same snapshot
     length_targets: tuple = ("shapes-mid",)   # fine-tuning length figure: one identity run per target (first seed)
     length_steps: int = 4000                  # ... trained this long
     length_snapshots: tuple = (250, 500, 1000, 1500, 2000, 3000, 4000)  # ... with EMA snapshots at these steps
@@ -151,13 +147,9 @@ class PlanConfig:
         if self.regime_target and (not self.regime_steps or not self.regime_seeds or min(self.regime_steps) < 1
                                    or self.regime_n_per_class < 1 or min(self.regime_weights, default=0) < 0):
             bad.append("the regime map needs positive regime_steps, regime_seeds, regime_n_per_class and weights >= 0")
-        if self.sampler_check_step and (not self.regime_target or self.sampler_check_step not in self.regime_steps):
-            bad.append(f"sampler_check_step must be one of regime_steps {self.regime_steps} (with a regime_target), "
-                       f"got {self.sampler_check_step}")
-        check = (self.sampler_check_sampler, self.sampler_check_steps)
-        if self.sampler_check_step and (check[0] not in ("ddpm", "ddim") or min(check[1], self.claims_few_steps) < 1
-                                        or check == (self.regime_sampler, self.regime_sampling_steps)):
-            bad.append("the sampler check needs ddpm or ddim with steps >= 1, other than the regime map's own")
+        if self.regime_target and (self.regime_sampler not in ("ddpm", "ddim") or self.regime_sampling_steps < 1):
+            bad.append(f"the regime map needs sampler ddpm or ddim and sampler steps >= 1, got {self.regime_sampler!r} "
+                       f"with {self.regime_sampling_steps}")
         unknown_labels = set(self.regime_labels) - {"identity", "wat", "true-source"}
         if unknown_labels: bad.append(f"unknown regime_labels {sorted(unknown_labels)}; known: identity, wat, true-source")
         if not all(0 < s <= self.length_steps for s in self.length_snapshots):
@@ -171,7 +163,7 @@ class PlanConfig:
     @property
     def scores(self) -> dict: return SCORES[self.profile]
 
-# %% ../nbs/10_plan.ipynb #a7a060a3
+# %% ../nbs/10_plan.ipynb #c3b6c619
 PAPER_KNOBS = dict(pretrain=None, finetune_steps=0, seeds=(0, 1, 2), train={"match_space": "input", "match_m": 8},
                    table4_steps=(25, 50, 100), regime_target="", true_source_targets=(), n_per_class=0, n_samples=10_000,
                    metrics="fid,kid,prc,fd_dinov2",
@@ -179,7 +171,7 @@ PAPER_KNOBS = dict(pretrain=None, finetune_steps=0, seeds=(0, 1, 2), train={"mat
                    clr_scales=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0), fewshot_targets=("food",), fewshot_steps=2000,
                    ant={"trainable": "difffit", "ant_noise_steps": 10, "ant_classifier_steps": 1000}, extras={})
 SMOKE_KNOBS = dict(targets=("shapes-near",), seeds=(0,), finetune_steps=4, regime_target="shapes-near", regime_steps=(4,),
-                   regime_labels=("true-source",), regime_weights=(0.5,), regime_n_per_class=1, regime_sampling_steps=2,
+                   regime_weights=(0.5,), regime_n_per_class=1, regime_sampling_steps=2,
                    train=dict(batch_size=8, match_m=2, match_steps=3, match_cap=8),
                    pretrain=dict(preset="unet-tiny", image_size=16, channels="16,32", steps=20,
                                  batch_size=16, warmup_steps=5, ckpt_every=20, judge_per_class=1, judge_epochs=1,
@@ -235,7 +227,7 @@ def plan_overrides(cfg: PlanConfig) -> dict:
     base = dataclasses.asdict(plan_config(cfg.profile, cfg.smoke))
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if v != base[k]}
 
-# %% ../nbs/10_plan.ipynb #903dcad2
+# %% ../nbs/10_plan.ipynb #83b18ce4
 class Result(NamedTuple):
     "One scored sample set: (target, run label map, guidance mode, weight, sampler steps, seed, t_max, sampler, few-shot)."
     target: str
@@ -250,7 +242,7 @@ class Result(NamedTuple):
     ant: bool = False                         # ANT training (similarity-guided target, adversarial noise)
     snapshot: int = 0                         # > 0: sampled from the run's EMA snapshot at that fine-tuning step
     per_class: int = 0                        # > 0: samples per class, instead of the plan's n_per_class
-    length: int = 0                           # > 0: a run of its own trained this many steps (the regime map's)
+    length: int = 0                           # > 0: a run trained this many steps (the regime map's, the length figure's)
 
     @property
     def run(self) -> str:
@@ -270,10 +262,26 @@ def target_label(target: str) -> str:
     from wat_nb.runs import dataset_label
     return dataset_label(target)
 
-def _result(cfg, target, label, seed, steps=None, t_max=1000, w=None) -> Result:
+def plan_steps(cfg) -> int:
+    "Fine-tuning steps of the plan's runs: `finetune_steps`, or the profile's preset when it is 0."
+    return cfg.finetune_steps or preset_steps(cfg.profile)
+
+def regime_length(cfg) -> int:
+    "Steps of the regime map's runs (the longest of `regime_steps`); 0 without a regime map."
+    return max(cfg.regime_steps) if cfg.regime_target else 0
+
+def in_regime_run(cfg, r: Result) -> bool:
+    "Whether `r` is sampled from one of the regime map's runs: its target, label maps and seeds, full range, no few-shot."
+    return (bool(cfg.regime_target) and r.target == cfg.regime_target and r.method in cfg.regime_labels
+            and r.seed in cfg.regime_seeds and r.t_max == 1000 and not r.shots and not r.ant)
+
+def _result(cfg, target, label, seed, steps=None, t_max=1000, w=None, shots=0, ant=False) -> Result:
     method, mode = TRANSFER_METHODS[label] if label in TRANSFER_METHODS else label
     w = 0.0 if mode == "none" else cfg.weights[mode] if w is None else w
-    return Result(target, method, mode, float(w), steps or cfg.sampling_steps, seed, t_max, cfg.sampler)
+    r = Result(target, method, mode, float(w), steps or cfg.sampling_steps, seed, t_max, cfg.sampler, shots, ant)
+    if not in_regime_run(cfg, r) or plan_steps(cfg) > regime_length(cfg): return r
+    n, L = plan_steps(cfg), regime_length(cfg)  # the regime map's run, at the snapshot of the plan's length
+    return r._replace(length=L, snapshot=n if n < L else 0)
 
 def table12_results(cfg) -> dict:
     "Tables 1-2: {(target, method label, seed): Result} of TRANSFER_METHODS, and TRUE_SOURCE_METHODS where known."
@@ -308,10 +316,14 @@ FEWSHOT_METHODS = {"fine-tune": ("identity", "cfg", False), "ANT": ("identity", 
 
 def fewshot_results(cfg) -> dict:
     "Few-shot table: {(target, method label, seed): Result} of `cfg.shots`-shot runs for plain fine-tuning, ANT, WAT, both."
-    return {(t, m, s): _result(cfg, t, (lm, mode), s)._replace(shots=cfg.shots, ant=ant)
+    return {(t, m, s): _result(cfg, t, (lm, mode), s, shots=cfg.shots, ant=ant)
             for t in cfg.fewshot_targets for m, (lm, mode, ant) in FEWSHOT_METHODS.items() for s in cfg.seeds}
 
 REGIME_MODES = ("cfg", "dog", "clr")
+
+def regime_modes(labels: str) -> tuple:
+    "The guidance modes the regime map samples a label map with: CLR needs matched (or true-source) labels."
+    return tuple(m for m in REGIME_MODES if m != "clr" or labels != "identity")
 
 def regime_results(cfg) -> dict:
     "The regime map: {(labels, mode, w, step, seed): Result}, each snapshot of the regime target's runs, no guidance and every mode x w."
@@ -321,35 +333,40 @@ def regime_results(cfg) -> dict:
         for k in cfg.regime_steps:
             for s in cfg.regime_seeds:
                 base = Result(cfg.regime_target, lab, "none", 0.0, cfg.regime_sampling_steps, s, 1000, cfg.regime_sampler,
-                              snapshot=k, per_class=cfg.regime_n_per_class, length=max(cfg.regime_steps))
+                              snapshot=k, per_class=cfg.regime_n_per_class, length=regime_length(cfg))
                 out[lab, "none", 0.0, k, s] = base
-                out |= {(lab, m, w, k, s): base._replace(mode=m, w=w) for m in REGIME_MODES for w in cfg.regime_weights}
+                out |= {(lab, m, w, k, s): base._replace(mode=m, w=w) for m in regime_modes(lab) for w in cfg.regime_weights}
     return out
 
+def tag(r: Result) -> str:
+    "A set's sampler and steps, e.g. 'ddpm50'."
+    return f"{r.sampler}{r.steps}"
+
 def sampler_check_results(cfg) -> dict:
-    """The sampler check: {(labels, mode, w, sampler tag, seed): Result}, the regime map's sets at `sampler_check_step`
-    with the map's sampler (tag e.g. "ddim25") and with the check's (e.g. "ddpm50"): same runs, snapshot and seeds."""
-    if not cfg.sampler_check_step: return {}
+    """The sampler check: {(labels, mode, w, sampler tag, seed): Result}, every set the tables (1-2, Figure 3) take from
+    the regime map's runs, beside the map's set of the same snapshot, label map, mode, weight and seed: the same
+    weights under the tables' sampler (e.g. "ddpm50", N = n_per_class) and the map's (e.g. "ddim25")."""
+    n, reg = plan_steps(cfg) if cfg.regime_target else 0, regime_results(cfg)
+    if n not in cfg.regime_steps or (cfg.sampler, cfg.sampling_steps) == (cfg.regime_sampler, cfg.regime_sampling_steps):
+        return {}
     out = {}
-    for (lab, m, w, k, s), r in regime_results(cfg).items():
-        if k != cfg.sampler_check_step: continue
-        c = r._replace(sampler=cfg.sampler_check_sampler, steps=cfg.sampler_check_steps)
-        out |= {(lab, m, w, f"{x.sampler}{x.steps}", s): x for x in (r, c)}
+    for r in [*table12_results(cfg).values(), *fig3_results(cfg).values()]:
+        key = (r.method, r.mode, r.w, n, r.seed)
+        if in_regime_run(cfg, r) and r.length and key in reg:
+            out |= {(r.method, r.mode, r.w, tag(x), r.seed): x for x in (r, reg[key])}
     return out
 
 def claims_results(cfg) -> dict:
-    """The claims table: the sampler check's sets, the check's identity-CFG and matched-CLR sets again at
-    `claims_few_steps` sampler steps, and CFG and no guidance on an identity run fine-tuned on t in [0, short_t_max)
-    for `sampler_check_step` steps (label "identity-short"); keyed as the sampler check."""
-    out = sampler_check_results(cfg)
-    if not out: return out
-    few = f"{cfg.sampler_check_sampler}{cfg.claims_few_steps}"
-    for (lab, m, w, tag, s), r in list(out.items()):
-        if tag != f"{cfg.sampler_check_sampler}{cfg.sampler_check_steps}": continue
-        if (lab, m) in (("identity", "cfg"), ("wat", "clr")): out[lab, m, w, few, s] = r._replace(steps=cfg.claims_few_steps)
-        if (lab, m) in (("identity", "cfg"), ("identity", "none")):
-            out["identity-short", m, w, tag, s] = r._replace(t_max=cfg.short_t_max, length=cfg.sampler_check_step)
-    return out
+    """The claims table on `fig3_target` (one of `targets`, and the regime map's target): {(labels, mode, w, sampler
+    tag, seed): Result} of the tables' sets there (Tables 1-2, Figure 3; Table 4's other sampler steps; Table 3's
+    [0, short_t_max) run as labels "identity-short") and the regime map's sets at the plan's length (best weights)."""
+    t = cfg.fig3_target
+    if t not in cfg.targets or t != cfg.regime_target: return {}
+    key = lambda r, lab=None: (lab or r.method, r.mode, r.w, tag(r), r.seed)
+    out = {key(r): r for r in [*table12_results(cfg).values(), *fig3_results(cfg).values()] if r.target == t}
+    out |= {key(r): r for (x, n, m, s), r in table4_results(cfg).items() if x == t and n != cfg.sampling_steps}
+    out |= {key(r, "identity-short"): r for (x, tm, s), r in table3_results(cfg).items() if x == t and tm != 1000}
+    return out | {key(r): r for (lab, m, w, k, s), r in regime_results(cfg).items() if k == plan_steps(cfg)}
 
 # the paper notebooks of the transfer results: name -> (results, files written under out_dir, reads sample images)
 ARTEFACTS = {
@@ -364,7 +381,7 @@ ARTEFACTS = {
     "table_claims": (claims_results, ("table_claims.md",), True),
 }
 
-# %% ../nbs/10_plan.ipynb #7c9b502c
+# %% ../nbs/10_plan.ipynb #e0148301
 def _mtime(p: Path) -> float: return p.stat().st_mtime if p.exists() else -1.0
 
 def run_state(run_dir: Path) -> dict | None:
@@ -431,12 +448,21 @@ def pretrained_ready(step: Step, root: Path) -> bool:
     from wat_nb.models import pretrained_candidates
     return outputs_exist(step, root) or any((d / "config.json").is_file() for d in pretrained_candidates("mini"))
 
-# %% ../nbs/10_plan.ipynb #2f56f334
+# %% ../nbs/10_plan.ipynb #189a14e2
 def _n_per_class(cfg: PlanConfig, target: str) -> int:
     if cfg.n_per_class: return cfg.n_per_class
     from wat_nb.data import DATASETS, load_dataset
     k = DATASETS[target].num_classes if target in DATASETS else len(load_dataset(target, "train").classes)
     return math.ceil(cfg.n_samples / k)
+
+def length_run(cfg, target: str) -> Result:
+    "The fine-tuning length figure's run of `target`: identity labels, the first seed, `length_steps` long."
+    return Result(target, "identity", "none", 0.0, cfg.sampling_steps, cfg.seeds[0], length=cfg.length_steps)
+
+def is_length_run(cfg, r: Result) -> bool:
+    "Whether `r`'s run is the fine-tuning length figure's (which keeps `length_snapshots`)."
+    return ("fig_finetune_length" in cfg.extras and r.target in cfg.length_targets
+            and length_run(cfg, r.target).run == r.run)
 
 def build_plan(cfg: PlanConfig) -> list[Step]:
     "The steps that make every table and figure of `cfg`, dependencies first."
@@ -454,15 +480,18 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
                    outputs_exist if cfg.pretrained else pretrained_ready, outputs=(f"{out}/model/config.json",)),)
     # the source model and VAE go to nbs/train.ipynb only: sample.ipynb reads both from the run's run.json
     src = {k: v for k, v in dict(pretrained=cfg.pretrained, vae=cfg.vae).items() if v}
-    n_steps = cfg.finetune_steps or preset_steps(cfg.profile)   # always explicit: the notebook's -1 is "the preset"
+    n_steps = plan_steps(cfg)                 # always explicit: the notebook's -1 is "the preset"
 
     def train(r: Result) -> str:
         p = dict(dataset=r.target, method=r.method, seed=r.seed, t_min=0, t_max=r.t_max, out_root=R, **cfg.train, **src,
                  steps=n_steps)
         if r.shots: p |= dict(shots=r.shots, steps=cfg.fewshot_steps)
         if r.ant: p |= dict(cfg.ant, ant=True) | ({"ant_source": cfg.ant_source} if cfg.ant_source else {})
-        if r.length:                          # the regime map's runs: their own length, snapshots at the lengths sampled
-            p |= dict(steps=r.length, snapshots=",".join(str(k) for k in cfg.regime_steps if k <= r.length), run_name=r.run)
+        if r.length:                          # a long run: the regime map's, a length run, or both
+            keep = set(cfg.regime_steps) | {n_steps} if in_regime_run(cfg, r) and r.length == regime_length(cfg) else set()
+            if is_length_run(cfg, r): keep |= set(cfg.length_snapshots)
+            p |= dict(steps=r.length, snapshots=",".join(str(k) for k in sorted(keep) if k <= r.length) or str(r.length),
+                      run_name=r.run, grid_per_class=0)
         return add(f"train/{target_label(r.target)}/{r.run}", "nbs/train.ipynb", p, run_finished, pre,
                    outputs=(r.run_dir(cfg),))
 
@@ -494,14 +523,9 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
         r = _result(cfg, t, "WAT", cfg.seeds[0])
         return [train(r)], [f"{r.run_dir(cfg)}/matching.json"], dict(class_target=t, wat_run=r.run)
     def length_runs(params):               # an identity run per target, past the plan's length, with snapshots
-        name, deps = f"length-identity-s{cfg.seeds[0]}", []
-        for t in cfg.length_targets:
-            p = dict(dataset=t, method="identity", seed=cfg.seeds[0], out_root=R, **cfg.train, **src, steps=cfg.length_steps,
-                     snapshots=",".join(map(str, cfg.length_snapshots)), run_name=name, grid_per_class=0)
-            deps.append(add(f"train/{target_label(t)}/{name}", "nbs/train.ipynb", p, run_finished, pre,
-                            outputs=(f"{R}/{target_label(t)}/{name}",)))
-        return (deps, [f"{R}/{target_label(t)}/{name}/snapshots/*/state.json" for t in cfg.length_targets],
-                dict(targets=",".join(cfg.length_targets), run_name=name))
+        rs = [length_run(cfg, t) for t in cfg.length_targets]   # the regime map's identity run where they coincide
+        return ([train(r) for r in rs], [f"{r.run_dir(cfg)}/snapshots/*/state.json" for r in rs],
+                dict(targets=",".join(cfg.length_targets), run_name=rs[0].run if rs else ""))
     resolve = {"source model": source_model, "WAT run": wat_run, "length runs": length_runs}
     first = len(steps)
     for name, params in cfg.extras.items():
@@ -511,13 +535,14 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
             deps, inputs, p = deps + d, inputs + i, p | q | dict(runs_root=R)
         add(f"paper/{name}", f"nbs/paper/{name}.ipynb", p | params | dict(out_dir=out_dir), stamp_fresh, deps,
             outputs=[f"{out_dir}/{o}" for o in EXTRAS[name].outputs], inputs=inputs, kind="artefact")
-    # the extras that need nothing but the source model (long, independent: the length runs, the matching table) go
-    # first, so that on several jobs they run beside the tables' work instead of alone at the end
-    names, early = list(steps), set(pre)
+    # the extras that need nothing but the source model and runs of their own (long, independent: the length runs, the
+    # matching table) go first with those runs, so that on several jobs they run beside the tables' work, not at the end
+    names, lead = list(steps), list(pre)
     for n in names[first:]:
-        if set(steps[n].deps) <= early: early.add(n)
-    lead = [n for n in names if n in pre] + [n for n in names[first:] if n in early and n not in pre]
-    return [steps[n] for n in lead + [n for n in names if n not in early]]
+        runs = [d for d in steps[n].deps if d not in pre]
+        if all(d.startswith("train/") and set(steps[d].deps) <= set(pre) for d in runs):
+            lead += [d for d in runs if d not in lead] + [n]
+    return [steps[n] for n in lead + [n for n in names if n not in lead]]
 
 # %% ../nbs/10_plan.ipynb #41e74847
 def check_plan(cfg: PlanConfig, steps: list[Step]) -> None:
