@@ -371,6 +371,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                              'wat_nb.plan.in_regime_run': ('plan.html#in_regime_run', 'wat_nb/plan.py'),
                              'wat_nb.plan.is_length_run': ('plan.html#is_length_run', 'wat_nb/plan.py'),
                              'wat_nb.plan.length_run': ('plan.html#length_run', 'wat_nb/plan.py'),
+                             'wat_nb.plan.match_space': ('plan.html#match_space', 'wat_nb/plan.py'),
                              'wat_nb.plan.metrics_complete': ('plan.html#metrics_complete', 'wat_nb/plan.py'),
                              'wat_nb.plan.plan_config': ('plan.html#plan_config', 'wat_nb/plan.py'),
                              'wat_nb.plan.plan_overrides': ('plan.html#plan_overrides', 'wat_nb/plan.py'),

@@ -17,14 +17,14 @@ import numpy as np
 from .runner import Step, outputs_exist, stamp_fresh
 
 # %% auto #0
-__all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'TRUE_SOURCE_METHODS', 'SCORES', 'EXTRAS', 'PAPER_KNOBS',
-           'SMOKE_KNOBS', 'PAPER_SMOKE_KNOBS', 'ONE_TARGET_KNOBS', 'FEWSHOT_METHODS', 'REGIME_MODES', 'ARTEFACTS',
-           'run_name', 'sample_name', 'Extra', 'PlanConfig', 'plan_config', 'plan_overrides', 'Result', 'target_label',
-           'plan_steps', 'regime_length', 'in_regime_run', 'table12_results', 'table3_results', 'table4_results',
-           'fig2_results', 'fig3_results', 'fewshot_results', 'regime_modes', 'regime_results', 'tag',
-           'sampler_check_results', 'claims_results', 'run_state', 'preset_steps', 'run_finished', 'samples_complete',
-           'metrics_complete', 'sample_set_done', 'pretrained_ready', 'length_run', 'is_length_run', 'build_plan',
-           'check_plan', 'driver_command']
+__all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'TRUE_SOURCE_METHODS', 'INPUT_SPACE_METHODS', 'SCORES', 'EXTRAS',
+           'PAPER_KNOBS', 'SMOKE_KNOBS', 'PAPER_SMOKE_KNOBS', 'ONE_TARGET_KNOBS', 'FEWSHOT_METHODS', 'REGIME_MODES',
+           'ARTEFACTS', 'run_name', 'sample_name', 'Extra', 'PlanConfig', 'plan_config', 'plan_overrides', 'Result',
+           'target_label', 'plan_steps', 'regime_length', 'in_regime_run', 'match_space', 'table12_results',
+           'table3_results', 'table4_results', 'fig2_results', 'fig3_results', 'fewshot_results', 'regime_modes',
+           'regime_results', 'tag', 'sampler_check_results', 'claims_results', 'run_state', 'preset_steps',
+           'run_finished', 'samples_complete', 'metrics_complete', 'sample_set_done', 'pretrained_ready', 'length_run',
+           'is_length_run', 'build_plan', 'check_plan', 'driver_command']
 
 # %% ../nbs/10_plan.ipynb #17d0bee5
 def run_name(method: str, seed: int, t_min: int = 0, t_max: int = 1000) -> str:
@@ -35,7 +35,7 @@ def sample_name(mode: str, w: float, steps: int, seed: int, sampler: str = "ddpm
     "Sample set name of `nbs/sample.ipynb`: <mode>-w<w:g>-<sampler><steps>-s<seed>."
     return f"{mode}-w{float(w):g}-{sampler}{int(steps)}-s{int(seed)}"
 
-# %% ../nbs/10_plan.ipynb #be0c87ea
+# %% ../nbs/10_plan.ipynb #af519705
 PROFILES = ("mini", "paper")
 MINI_TARGETS = ("shapes-near", "shapes-mid", "shapes-far", "digits")
 # label of a Table 1-2 column -> (fine-tuning label map, sampling mode)
@@ -44,6 +44,8 @@ TRANSFER_METHODS = {"fine-tune": ("identity", "none"), "CFG": ("identity", "cfg"
                     "matched": ("wat", "none"), "matched + CFG": ("wat", "cfg"), "WAT": ("wat", "clr")}
 # a row of its own on targets that record their true source classes: WAT without the matching's errors
 TRUE_SOURCE_METHODS = {"WAT, true-source labels": ("true-source", "clr")}
+# a row of its own where the plan matches in another space than the paper: WAT with the paper's input-space matching
+INPUT_SPACE_METHODS = {"WAT, input-space matching": ("wat-input", "clr")}
 # the two scores of every table: metrics.json key -> column label (first: FID-style, second: the other space)
 SCORES = {"mini": {"fid": "FID (EfficientNet-Lite0)", "fd_mid": "FD (EfficientNet-Lite0 mid layer)"},
           "paper": {"fid": "FID", "fd_dinov2": "FD_DINOv2"}}
@@ -103,6 +105,8 @@ class PlanConfig:
                                                   "table_matching": {"m": "8"}, "fig_finetune_length": {}})  # other paper notebooks -> parameters
     # Table 1's true-source row (targets that know them; on shapes-near both-space matching finds all 10 sources)
     true_source_targets: tuple = ("shapes-mid", "shapes-far")
+    # Table 1's row of WAT with the paper's input-space matching (when the plan's runs match in another space)
+    input_space_targets: tuple = ("shapes-mid",)
     # the regime map (fig_regime): score against fine-tuning length on this target; "": none. Its runs (one per label
     # map and seed) train to the longest length once, keeping EMA snapshots; they are also the runs every table of
     # that target reads, at the snapshot of the plan's length (the same weights as a run that stops there: constant
@@ -123,7 +127,7 @@ class PlanConfig:
 
     def __post_init__(self):
         for k in ("targets", "seeds", "table3_targets", "table4_targets", "table4_steps", "clr_scales", "fewshot_targets",
-                  "length_targets", "length_snapshots", "true_source_targets", "regime_steps", "regime_labels",
+                  "length_targets", "length_snapshots", "true_source_targets", "input_space_targets", "regime_steps", "regime_labels",
                   "regime_weights", "regime_seeds"):
             v = getattr(self, k)
             setattr(self, k, tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v))
@@ -163,9 +167,10 @@ class PlanConfig:
     @property
     def scores(self) -> dict: return SCORES[self.profile]
 
-# %% ../nbs/10_plan.ipynb #c3b6c619
+# %% ../nbs/10_plan.ipynb #e8c1b8b6
 PAPER_KNOBS = dict(pretrain=None, finetune_steps=0, seeds=(0, 1, 2), train={"match_space": "input", "match_m": 8},
-                   table4_steps=(25, 50, 100), regime_target="", true_source_targets=(), n_per_class=0, n_samples=10_000,
+                   table4_steps=(25, 50, 100), regime_target="", true_source_targets=(), input_space_targets=(),
+                   n_per_class=0, n_samples=10_000,
                    metrics="fid,kid,prc,fd_dinov2",
                    table3_targets=("food",), table4_targets=("food",), fig2_target="food", fig3_target="food",
                    clr_scales=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0), fewshot_targets=("food",), fewshot_steps=2000,
@@ -227,7 +232,7 @@ def plan_overrides(cfg: PlanConfig) -> dict:
     base = dataclasses.asdict(plan_config(cfg.profile, cfg.smoke))
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if v != base[k]}
 
-# %% ../nbs/10_plan.ipynb #83b18ce4
+# %% ../nbs/10_plan.ipynb #9d5a614d
 class Result(NamedTuple):
     "One scored sample set: (target, run label map, guidance mode, weight, sampler steps, seed, t_max, sampler, few-shot)."
     target: str
@@ -283,9 +288,15 @@ def _result(cfg, target, label, seed, steps=None, t_max=1000, w=None, shots=0, a
     n, L = plan_steps(cfg), regime_length(cfg)  # the regime map's run, at the snapshot of the plan's length
     return r._replace(length=L, snapshot=n if n < L else 0)
 
+def match_space(cfg) -> str:
+    "Where the plan's WAT runs match classes: `train`'s match_space, else `nbs/train.ipynb`'s default (mini both, paper input)."
+    return cfg.train.get("match_space") or ("input" if cfg.profile == "paper" else "both")
+
 def table12_results(cfg) -> dict:
-    "Tables 1-2: {(target, method label, seed): Result} of TRANSFER_METHODS, and TRUE_SOURCE_METHODS where known."
-    methods = lambda t: {**TRANSFER_METHODS, **(TRUE_SOURCE_METHODS if t in cfg.true_source_targets else {})}
+    """Tables 1-2: {(target, method label, seed): Result} of TRANSFER_METHODS, TRUE_SOURCE_METHODS where known, and
+    INPUT_SPACE_METHODS where asked for and the plan matches in another space."""
+    methods = lambda t: {**TRANSFER_METHODS, **(TRUE_SOURCE_METHODS if t in cfg.true_source_targets else {}),
+                         **(INPUT_SPACE_METHODS if t in cfg.input_space_targets and match_space(cfg) != "input" else {})}
     return {(t, m, s): _result(cfg, t, lm, s) for t in cfg.targets for m, lm in methods(t).items() for s in cfg.seeds}
 
 def table3_results(cfg) -> dict:
@@ -448,7 +459,7 @@ def pretrained_ready(step: Step, root: Path) -> bool:
     from wat_nb.models import pretrained_candidates
     return outputs_exist(step, root) or any((d / "config.json").is_file() for d in pretrained_candidates("mini"))
 
-# %% ../nbs/10_plan.ipynb #189a14e2
+# %% ../nbs/10_plan.ipynb #d07d69e4
 def _n_per_class(cfg: PlanConfig, target: str) -> int:
     if cfg.n_per_class: return cfg.n_per_class
     from wat_nb.data import DATASETS, load_dataset
@@ -486,6 +497,7 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
         p = dict(dataset=r.target, method=r.method, seed=r.seed, t_min=0, t_max=r.t_max, out_root=R, **cfg.train, **src,
                  steps=n_steps)
         if r.shots: p |= dict(shots=r.shots, steps=cfg.fewshot_steps)
+        if r.method == "wat-input": p |= dict(method="wat", match_space="input", run_name=r.run)   # the paper's matching
         if r.ant: p |= dict(cfg.ant, ant=True) | ({"ant_source": cfg.ant_source} if cfg.ant_source else {})
         if r.length:                          # a long run: the regime map's, a length run, or both
             keep = set(cfg.regime_steps) | {n_steps} if in_regime_run(cfg, r) and r.length == regime_length(cfg) else set()
