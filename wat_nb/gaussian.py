@@ -9,7 +9,6 @@ import json
 import math
 
 import numpy as np
-import ot
 import torch
 from diffusers import DDPMScheduler
 
@@ -60,9 +59,14 @@ def _sym(M, nx): return (M + _T(M, nx)) / 2
 
 def _tr(M, nx): return nx.einsum("...ii->...", M)
 
+def _backend(*xs):
+    "POT's array backend (numpy or torch) of `xs`; POT is imported on first use (it loads scikit-learn, about 0.6 s)."
+    import ot
+    return ot.backend.get_backend(*xs)
+
 def bures_w2_sq(m0, S0, m1, S1):
     "Squared W2 between N(m0, S0) and N(m1, S1): |m0-m1|^2 + tr S0 + tr S1 - 2 tr (S0^1/2 S1 S0^1/2)^1/2; batched, numpy or torch."
-    nx = ot.backend.get_backend(m0, S0, m1, S1)
+    nx = _backend(m0, S0, m1, S1)
     R0 = _sqrtm_psd(_sym(S0, nx), nx)                             # (..., d, d)
     M = _sym(R0 @ S1 @ R0, nx)
     ev = _eigvalsh(M, nx)
@@ -79,7 +83,7 @@ def random_spd(d: int, cond: float = 10.0, scale: float = 1.0, rng=None, return_
     Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
     lam = scale * np.logspace(0, -np.log10(cond), d)
     lam = rng.permutation(lam)
-    S = _sym((Q * lam) @ Q.T, ot.backend.get_backend(Q))
+    S = _sym((Q * lam) @ Q.T, _backend(Q))
     return (S, lam, Q) if return_eig else S
 
 # %% ../nbs/00_gaussian.ipynb #2ab8d7ec
@@ -87,7 +91,7 @@ def gaussian_fit(x, shrinkage: float = 0.0):
     "Mean (d,) and covariance (d, d) of samples x (n, d), covariance shrunk as (1-s) S + s tr(S)/d I; numpy or torch."
     if x.ndim != 2 or x.shape[0] < 2: raise ValueError(f"need samples of shape (n >= 2, d), got {tuple(x.shape)}")
     if not 0 <= shrinkage <= 1: raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
-    nx = ot.backend.get_backend(x)
+    nx = _backend(x)
     m = nx.mean(x, axis=0)
     xc = x - m[None]
     S = xc.T @ xc / (x.shape[0] - 1)
@@ -122,7 +126,7 @@ def continuous_alpha_bar(t, schedule: str = "linear", beta_min: float = 0.1, bet
 # %% ../nbs/00_gaussian.ipynb #d0963335
 def vp_marginal(m, S, abar):
     "N(m, S) pushed to each abar: mean sqrt(abar) m (T, d), covariance (1 - abar) I + abar S (T, d, d)."
-    nx = ot.backend.get_backend(m, S)
+    nx = _backend(m, S)
     a = nx.from_numpy(_np(abar), type_as=S)                          # (T,)
     d = S.shape[-1]
     eye = nx.eye(d, type_as=S)
@@ -132,7 +136,7 @@ def vp_marginal(m, S, abar):
 def gaussian_w2_path(m0, S0, m1, S1, abar, chunk: int | None = None):
     "Squared W2 between the VP marginals of N(m0, S0) and N(m1, S1) at each abar. (T,)"
     check_gaussian(m0, S0, "first Gaussian"); check_gaussian(m1, S1, "second Gaussian")
-    nx = ot.backend.get_backend(m0, S0, m1, S1)
+    nx = _backend(m0, S0, m1, S1)
     a_all = nx.from_numpy(_np(abar), type_as=m0)
     d = S0.shape[-1]
     lam, V = nx.eigh(_sym(S0, nx))

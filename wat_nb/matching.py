@@ -230,10 +230,11 @@ def draw_source_samples(sample_fn, class_ids, m: int, seed: int = 0, classes_per
     return torch.cat(out)  # (K, m, ...)
 
 # %% ../nbs/05_matching.ipynb #8e38599c
-def source_cache_name(model, m: int, w: float, steps: int, seed: int, sampler: str = 'ddim') -> str:
-    "File name of the cached source samples of `model` (content hash), m per class, CFG weight w, sampler, seed."
+def source_cache_name(model, m: int, w: float, steps: int, seed: int, sampler: str = 'ddim', bf16: bool = False) -> str:
+    "File name of the cached source samples of `model` (content hash), m per class, CFG weight w, sampler, seed, precision."
     from wat_nb.models import model_fingerprint
-    return f'source-{model_fingerprint(model)}-m{int(m)}-w{float(w):g}-{sampler}{int(steps)}-seed{int(seed)}.npz'
+    precision = '-bf16' if bf16 else ''
+    return f'source-{model_fingerprint(model)}-m{int(m)}-w{float(w):g}-{sampler}{int(steps)}-seed{int(seed)}{precision}.npz'
 
 def cached_source_samples(sample_fn, class_ids, m: int, seed: int = 0, path=None, progress: bool = True) -> torch.Tensor:
     "`draw_source_samples(sample_fn, class_ids, m, seed=1000 * seed)`, read from the .npz `path` if there, else saved there."

@@ -36,10 +36,10 @@ from .reports import package_versions, provenance
 # %% auto #0
 __all__ = ['FEATURE_CACHE_VERSION', 'LITE0_PACKAGES', 'MINI_EXTRACTOR', 'PAPER_EXTRACTOR', 'DINOV2_EXTRACTOR', 'DINOV2_REPO',
            'METRIC_SPACES', 'FEATURE_PACKAGES', 'RELIABLE_N', 'MINI_FID_FLOOR', 'UInt8Images', 'load_images',
-           'efficientnet_lite0', 'FeatureExtractorEfficientNetLite0', 'register_extractors', 'fidelity_cache_root',
-           'feature_cache_path', 'extract_features', 'fid_from_features', 'kid_from_features', 'prc_from_features',
-           'hub_files', 'require_weights', 'metrics_path', 'mini_fid_floor', 'reliability_warning', 'evaluate',
-           'score_sample_set', 'feature_embedder']
+           'efficientnet_lite0', 'fold_batchnorms', 'FeatureExtractorEfficientNetLite0', 'register_extractors',
+           'fidelity_cache_root', 'feature_cache_path', 'extract_features', 'fid_from_features', 'kid_from_features',
+           'prc_from_features', 'hub_files', 'require_weights', 'metrics_path', 'mini_fid_floor', 'reliability_warning',
+           'evaluate', 'score_sample_set', 'feature_embedder']
 
 # %% ../nbs/08_metrics.ipynb #d827f96e
 FEATURE_CACHE_VERSION = 1  # bump when the preprocessing of a feature extractor changes: old cache entries stop matching
@@ -145,6 +145,20 @@ def efficientnet_lite0(device=None) -> torch.nn.Module:
     net.load_state_dict(_lite0_state_dict(), strict=True)
     return net.to(default_device() if device is None else device).eval().requires_grad_(False)
 
+def fold_batchnorms(net: torch.nn.Module) -> torch.nn.Module:
+    """Fold every BatchNorm of an eval-mode EfficientNet into the convolution before it, in place: the same function
+    (features agree to about 1e-6 relative) in fewer operations, about 20 % faster on a CPU."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    if net.training: raise ValueError("fold_batchnorms needs an eval-mode network (it folds the running statistics)")
+    def fold(mod, conv, bn):
+        if isinstance(getattr(mod, bn, None), torch.nn.BatchNorm2d) and hasattr(mod, conv):
+            setattr(mod, conv, fuse_conv_bn_eval(getattr(mod, conv), getattr(mod, bn)))
+            setattr(mod, bn, torch.nn.Identity())
+    fold(net, "_conv_stem", "_bn0"); fold(net, "_conv_head", "_bn1")
+    for block in net._blocks:
+        for conv, bn in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")): fold(block, conv, bn)
+    return net
+
 # %% ../nbs/08_metrics.ipynb #5e70001d
 class FeatureExtractorEfficientNetLite0(FeatureExtractorBase):
     "torch-fidelity extractor: uint8 (B, 3, H, W) -> pooled EfficientNet-Lite0 features '1280' (head), '112' (mid)."
@@ -154,7 +168,7 @@ class FeatureExtractorEfficientNetLite0(FeatureExtractorBase):
     def __init__(self, name, features_list, feature_extractor_internal_dtype=None, **kwargs):
         super().__init__(name, features_list)
         vassert(feature_extractor_internal_dtype in (None, "float32"), "this extractor runs in float32 only")
-        self.net = efficientnet_lite0(device='cpu').to(memory_format=torch.channels_last)  # torch-fidelity moves it (cuda=)
+        self.net = fold_batchnorms(efficientnet_lite0(device='cpu')).to(memory_format=torch.channels_last)  # torch-fidelity moves it (cuda=)
         self.requires_grad_(False).eval()
 
     @staticmethod
@@ -427,12 +441,15 @@ def score_sample_set(samples, dataset: str, metrics=("fid", "kid", "prc"), profi
                     seed=seed, **kw)
 
 # %% ../nbs/08_metrics.ipynb #4ae643d3
-def feature_embedder(profile: str = "mini", metric: str = "fid", batch_size: int = 64, cuda: bool | None = None):
-    "embed(x): float images (B, 3, H, W) in [-1, 1] -> (B, D) features of the `metric` network of `profile`."
+def feature_embedder(profile: str = "mini", metric: str = "fid", batch_size: int = 64, cuda: bool | None = None,
+                     cache: bool = False, cache_root=None):
+    "embed(x): float images (B, 3, H, W) in [-1, 1] -> (B, D) features of the `metric` network of `profile`; `cache`: by content."
     if profile not in METRIC_SPACES: raise ValueError(f"unknown profile {profile!r}; known: {', '.join(METRIC_SPACES)}")
     if metric not in METRIC_SPACES[profile]: raise ValueError(f"profile {profile!r} has no metric {metric!r}; known: {', '.join(METRIC_SPACES[profile])}")
     extractor, layer = METRIC_SPACES[profile][metric]
     def embed(x: torch.Tensor) -> torch.Tensor:
-        return extract_features(to_uint8(torch.as_tensor(x), hwc=False), extractor, [layer], batch_size=batch_size, cuda=cuda,
-                                cache=False, verbose=False)[layer]
+        images = load_images(to_uint8(torch.as_tensor(x), hwc=False), "embed")
+        if cache: images.key = _hash("embed", images.images.numpy())            # the batch's content
+        return extract_features(images, extractor, [layer], batch_size=batch_size, cuda=cuda, cache=cache,
+                                cache_root=cache_root, verbose=False)[layer]
     return embed

@@ -510,7 +510,7 @@ def build_plan(cfg: PlanConfig) -> list[Step]:
     def result(r: Result) -> str:
         p = dict(dataset=r.target, run_name=r.run, runs_root=R, mode=r.mode, w=r.w, sampler=r.sampler, steps=r.steps,
                  n_per_class=r.per_class or _n_per_class(cfg, r.target), seed=r.seed, batch_size=cfg.sample_batch_size,
-                 overwrite=True, metrics=cfg.metrics)  # reached only when stale or missing
+                 overwrite=True, metrics=cfg.metrics, compare=False)  # reached only when stale or missing; the figures compare
         if r.snapshot: p["snapshot"] = r.snapshot
         if cfg.score_per_class: p["score_per_class"] = cfg.score_per_class
         if r.mode == "hybrid": p["t_switch"] = cfg.fig2_t_switch

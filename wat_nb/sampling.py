@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import ot
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
@@ -215,6 +214,7 @@ def fit_prior_ot(x0, abar_T: float | None = None, cov: str = 'diag', shrinkage: 
         return GaussianPrior(A=(abar_T * var + 1 - abar_T).sqrt().float(), b=(abar_T ** 0.5 * mu).float())
     mu, S = gaussian_fit(x.numpy(), shrinkage=shrinkage)
     d = len(mu)
+    import ot                                   # POT loads scikit-learn: imported where it is used
     A, b = ot.gaussian.bures_wasserstein_mapping(np.zeros(d), abar_T ** 0.5 * mu, np.eye(d),
                                                  abar_T * S + (1 - abar_T) * np.eye(d))
     return GaussianPrior(A=torch.as_tensor(A).float(), b=torch.as_tensor(b).reshape(-1).float())
