@@ -6,12 +6,16 @@ two jobs runs), with how far each moves its output.
 - AdamW on the mini source model's parameters: the per-tensor loop (torch's CPU default) vs `fused=True`, ms per step and
   the largest difference of the parameters after 20 steps on the same gradients;
 - the matching's source samples: DDIM 50 with CFG in fp32 vs under bf16 autocast, images/s on the mini source model;
-- the matching's target embeddings: `feature_embedder(cache=True)` the first time and again (the second run of a target).
+- the matching's target embeddings: `feature_embedder(cache=True)` the first time and again (the second run of a target);
+- a guided sample set as the plan makes it (500 images, CFG w = 0.5, DDPM 50, bf16, batches of 100) with and without
+  `compile=True`, each in a fresh process: eager, compiled with an empty compile cache, compiled again (cache filled),
+  and how far the compiled images are from the eager ones.
 
     .venv/bin/python benchmarks/bench_plan_parts.py
 """
 import copy
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -87,6 +91,35 @@ def embed_cache():
     print(f"target embeddings, 500 images: first {cold:.2f} s, cached {warm:.3f} s; equal: {torch.equal(a, b)}")
 
 
+def generate_child(kind: str, out_dir: str):
+    "One 500-image set of the mini source model (classes 0-9), eager or compiled; prints its wall time."
+    from wat_nb.sampling import generate
+    model = pretrained("mini", device="cpu").eval()
+    t0 = time.perf_counter()
+    generate(model, n_per_class=50, classes=range(10), mode="cfg", w=0.5, steps=50, seed=0, batch_size=100, bf16=True,
+             compile=kind != "eager", out_dir=out_dir, name=kind, progress=False)
+    print(f"{time.perf_counter() - t0:.2f}")
+
+
+def compiled_sampling():
+    from wat_nb.sampling import load_samples
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(d, "inductor"))   # starts empty
+        def child(kind):
+            out = subprocess.run([sys.executable, __file__, "--generate", kind, d], env=env, check=True,
+                                 capture_output=True, text=True).stdout
+            return float(out.split()[-1])
+        t = {k: child(k) for k in ("eager", "compiled-cold", "compiled-cached")}
+        a, b = (load_samples(os.path.join(d, f"{k}.npz"))[0].astype(int) for k in ("eager", "compiled-cached"))
+    diff = abs(a - b)
+    print(f"guided set, 500 images (CFG w = 0.5, DDPM 50, bf16): eager {t['eager']:.1f} s, compiled with an empty cache "
+          f"{t['compiled-cold']:.1f} s, compiled with the cache filled {t['compiled-cached']:.1f} s "
+          f"({t['eager'] / t['compiled-cached']:.2f}x); compiled - eager images: mean |difference| {diff.mean():.3f}, "
+          f"largest {diff.max()} (of 255)")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--generate"]:
+        generate_child(sys.argv[2], sys.argv[3]); sys.exit()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    features(); adamw(); source_draw(); embed_cache()
+    features(); adamw(); source_draw(); embed_cache(); compiled_sampling()

@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def guide(cond: torch.Tensor, ref: torch.Tensor, w: float, channels: int, guided
 GUIDANCE_MODES = ('none', 'cfg', 'dog', 'clr', 'hybrid')
 
 def guided_eps(finetuned, pretrained=None, mode: str = 'clr', w: float = 0.5, guided_channels='all',
-               t_switch: int = 600, pre_labels=None):
+               t_switch: int = 600, pre_labels=None, compile: bool = False):
     "eps_fn(x, t, y) = (1 + w) eps_ft(x, t, y) - w eps_ref, eps_ref set by `mode` (see the table); (B, C or 2C, H, W)."
     if mode not in GUIDANCE_MODES: raise ValueError(f"unknown guidance mode {mode!r}; known modes: {', '.join(GUIDANCE_MODES)}")
     w = float(w)
@@ -71,6 +72,9 @@ def guided_eps(finetuned, pretrained=None, mode: str = 'clr', w: float = 0.5, gu
     if lut is not None and pretrained is not None and ((lut < 0) | (lut >= null_pre)).any():
         raise ValueError(f"pre_labels must be class ids 0..{null_pre - 1} of the pretrained model, got {lut.tolist()[:8]}")
     to_pre = lambda y: y if lut is None else lut.to(y.device)[y]
+    if compile:  # one graph per batch shape (static shapes: a full batch and the last one), compiled on first use
+        finetuned = torch.compile(finetuned, dynamic=False)
+        if pretrained is not None: pretrained = torch.compile(pretrained, dynamic=False)
 
     def branch(model, null, x, t, y):  # the model alone, or CFG on it: cond + null in one batch of 2B
         if w == 0: return model_output(model, x, t, y)
@@ -252,10 +256,11 @@ def generate(finetuned, pretrained=None, labels=None, n_per_class: int | None = 
              batch_size: int = 64, out_dir='samples', name: str = 'samples', guided_channels='all',
              t_switch: int = 600, pre_labels=None, bf16: bool = False, clip_sample: bool = False,
              variance_type: str | None = None, eta: float = 0.0, prior=None, nrow: int = 8,
-             overwrite: bool = False, progress: bool = True) -> Path:
+             compile: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     "Sample, decode and write <out_dir>/<name>.npz (+ .png grid, .json sidecar), batch by batch and resumable."
+    # compile: torch.compile the models (a graph per batch shape, compiled on the first batch of that shape)
     t0 = time.time()
-    eps_fn = guided_eps(finetuned, pretrained, mode, w, guided_channels, t_switch, pre_labels)
+    eps_fn = guided_eps(finetuned, pretrained, mode, w, guided_channels, t_switch, pre_labels, compile=compile)
     make_scheduler(sampler, steps)
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     labels = _sample_labels(labels, n_per_class, classes, null_label(finetuned))
@@ -269,7 +274,8 @@ def generate(finetuned, pretrained=None, labels=None, n_per_class: int | None = 
                   labels_sha1=hashlib.sha1(labels.tobytes()).hexdigest()[:12], shape=list(shape), codec=codec.key,
                   bf16=bool(bf16), clip_sample=bool(clip_sample), variance_type=variance_type, eta=float(eta),
                   prior=None if prior is None else prior.describe(), finetuned=model_fingerprint(finetuned),
-                  pretrained=None if pretrained is None or mode in ('none', 'cfg') else model_fingerprint(pretrained))
+                  pretrained=None if pretrained is None or mode in ('none', 'cfg') else model_fingerprint(pretrained),
+                  **({'compile': True} if compile else {}))  # the same images to bf16 rounding; recorded when on
     out_dir = Path(out_dir); parts = out_dir / f'{name}.parts'; final = out_dir / f'{name}.npz'
     if final.exists():
         old = load_samples(final)[2]
@@ -293,7 +299,10 @@ def generate(finetuned, pretrained=None, labels=None, n_per_class: int | None = 
     try:
         for m in models: m.eval()
         with tqdm(total=len(labels), initial=int(done.sum()), desc=f'{name} ({mode})', disable=not progress) as bar, \
-                torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), \
+                warnings.catch_warnings():
+            # diffusers' cached version check: dynamo traces through it, harmlessly, with a warning per graph
+            warnings.filterwarnings('ignore', message='Dynamo detected a call to a `functools.lru_cache`')
             for idx in chunks:
                 a, b = int(idx[0]), int(idx[-1]) + 1
                 y = torch.as_tensor(labels[a:b], device=device)
