@@ -9,7 +9,8 @@ two jobs runs), with how far each moves its output.
 - the matching's target embeddings: `feature_embedder(cache=True)` the first time and again (the second run of a target);
 - a guided sample set as the plan makes it (500 images, CFG w = 0.5, DDPM 50, bf16, batches of 100) with and without
   `compile=True`, each in a fresh process: eager, compiled with an empty compile cache, compiled again (cache filled),
-  and how far the compiled images are from the eager ones.
+  and how far the compiled images are from the eager ones; then two sets at once, eager and compiled (`--pairs`: this
+  part alone).
 
     .venv/bin/python benchmarks/bench_plan_parts.py
 """
@@ -111,15 +112,34 @@ def compiled_sampling():
             return float(out.split()[-1])
         t = {k: child(k) for k in ("eager", "compiled-cold", "compiled-cached")}
         a, b = (load_samples(os.path.join(d, f"{k}.npz"))[0].astype(int) for k in ("eager", "compiled-cached"))
-    diff = abs(a - b)
-    print(f"guided set, 500 images (CFG w = 0.5, DDPM 50, bf16): eager {t['eager']:.1f} s, compiled with an empty cache "
-          f"{t['compiled-cold']:.1f} s, compiled with the cache filled {t['compiled-cached']:.1f} s "
-          f"({t['eager'] / t['compiled-cached']:.2f}x); compiled - eager images: mean |difference| {diff.mean():.3f}, "
-          f"largest {diff.max()} (of 255)")
+        diff = abs(a - b)
+        print(f"guided set, 500 images (CFG w = 0.5, DDPM 50, bf16): eager {t['eager']:.1f} s, compiled with an empty "
+              f"cache {t['compiled-cold']:.1f} s, compiled with the cache filled {t['compiled-cached']:.1f} s "
+              f"({t['eager'] / t['compiled-cached']:.2f}x); compiled - eager images: mean |difference| {diff.mean():.3f}, "
+              f"largest {diff.max()} (of 255)")
+        compiled_pairs(d, env)
+
+
+def compiled_pairs(d: str, env: dict):
+    "Two sets at once, as make reproduce's two jobs run: eager, then compiled (the compile cache under `d` filled)."
+    def pair(kind):
+        procs = [subprocess.Popen([sys.executable, __file__, "--generate", kind, os.path.join(d, f"{kind}-{i}")],
+                                  env=env, stdout=subprocess.PIPE, text=True) for i in range(2)]
+        return [float(p.communicate()[0].split()[-1]) for p in procs]
+    e, c = pair("eager"), pair("compiled-cached")
+    print(f"two guided sets at once: eager {e[0]:.1f} and {e[1]:.1f} s, compiled {c[0]:.1f} and {c[1]:.1f} s "
+          f"({sum(e) / sum(c):.2f}x)")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--generate"]:
         generate_child(sys.argv[2], sys.argv[3]); sys.exit()
+    if sys.argv[1:2] == ["--pairs"]:      # only the two-at-once comparison (compiles first into a fresh cache)
+        with tempfile.TemporaryDirectory() as d:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(d, "inductor"))
+            subprocess.run([sys.executable, __file__, "--generate", "compiled-cold", d], env=env, check=True,
+                           capture_output=True)
+            compiled_pairs(d, env)
+        sys.exit()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     features(); adamw(); source_draw(); embed_cache(); compiled_sampling()

@@ -275,7 +275,7 @@ def generate(finetuned, pretrained=None, labels=None, n_per_class: int | None = 
                   bf16=bool(bf16), clip_sample=bool(clip_sample), variance_type=variance_type, eta=float(eta),
                   prior=None if prior is None else prior.describe(), finetuned=model_fingerprint(finetuned),
                   pretrained=None if pretrained is None or mode in ('none', 'cfg') else model_fingerprint(pretrained),
-                  **({'compile': True} if compile else {}))  # the same images to bf16 rounding; recorded when on
+                  **({'compile': True} if compile else {}))  # images differ from eager ones by rounding: recorded when on
     out_dir = Path(out_dir); parts = out_dir / f'{name}.parts'; final = out_dir / f'{name}.npz'
     if final.exists():
         old = load_samples(final)[2]
