@@ -76,10 +76,9 @@ def test_true_source_run_keeps_snapshots_for_its_length_curve(tmp_path, monkeypa
     # the regime map samples each snapshot: labels are the true source classes, the name says the step
     pm.execute_notebook(str(ROOT / "nbs" / "sample.ipynb"), str(tmp_path / "s.ipynb"), cwd=str(ROOT), progress_bar=False,
                         kernel_name="python3", parameters=dict(run=str(run_dir), mode="clr", w=0.5, sampler="ddim",
-                                                               steps=2, n_per_class=1, snapshot=2, compile=True))
+                                                               steps=2, n_per_class=1, snapshot=2))
     with np.load(run_dir / "samples" / "clr-w0.5-ddim2-s0-k2.npz") as z:
         assert z["labels"].tolist() == target.source_classes
-        assert json.loads(str(z["params"]))["compile"] is True        # as make reproduce samples: compiled models
     with pytest.raises(pm.PapermillExecutionError, match=r"no snapshot at step 4; it has \[2, 6\]"):
         pm.execute_notebook(str(ROOT / "nbs" / "sample.ipynb"), str(tmp_path / "s2.ipynb"), cwd=str(ROOT),
                             progress_bar=False, kernel_name="python3", parameters=dict(run=str(run_dir), snapshot=4))

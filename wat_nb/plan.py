@@ -22,7 +22,7 @@ __all__ = ['PROFILES', 'MINI_TARGETS', 'TRANSFER_METHODS', 'TRUE_SOURCE_METHODS'
            'ARTEFACTS', 'run_name', 'sample_name', 'Extra', 'PlanConfig', 'plan_config', 'plan_overrides', 'Result',
            'target_label', 'plan_steps', 'regime_length', 'in_regime_run', 'match_space', 'table12_results',
            'table3_results', 'table4_results', 'fig2_results', 'fig3_results', 'fewshot_results', 'regime_modes',
-           'regime_results', 'tag', 'sampler_check_results', 'claims_results', 'run_state', 'preset_steps',
+           'regime_results', 'sampler_tag', 'sampler_check_results', 'claims_results', 'run_state', 'preset_steps',
            'run_finished', 'samples_complete', 'metrics_complete', 'sample_set_done', 'pretrained_ready', 'length_run',
            'is_length_run', 'build_plan', 'check_plan', 'driver_command']
 
@@ -352,7 +352,7 @@ def regime_results(cfg) -> dict:
                 out |= {(lab, m, w, k, s): base._replace(mode=m, w=w) for m in regime_modes(lab) for w in cfg.regime_weights}
     return out
 
-def tag(r: Result) -> str:
+def sampler_tag(r: Result) -> str:
     "A set's sampler and steps, e.g. 'ddpm50'."
     return f"{r.sampler}{r.steps}"
 
@@ -367,7 +367,7 @@ def sampler_check_results(cfg) -> dict:
     for r in [*table12_results(cfg).values(), *fig3_results(cfg).values()]:
         key = (r.method, r.mode, r.w, n, r.seed)
         if in_regime_run(cfg, r) and r.length and key in reg:
-            out |= {(r.method, r.mode, r.w, tag(x), r.seed): x for x in (r, reg[key])}
+            out |= {(r.method, r.mode, r.w, sampler_tag(x), r.seed): x for x in (r, reg[key])}
     return out
 
 def claims_results(cfg) -> dict:
@@ -376,7 +376,7 @@ def claims_results(cfg) -> dict:
     [0, short_t_max) run as labels "identity-short") and the regime map's sets at the plan's length (best weights)."""
     t = cfg.fig3_target
     if t not in cfg.targets or t != cfg.regime_target: return {}
-    key = lambda r, lab=None: (lab or r.method, r.mode, r.w, tag(r), r.seed)
+    key = lambda r, lab=None: (lab or r.method, r.mode, r.w, sampler_tag(r), r.seed)
     out = {key(r): r for r in [*table12_results(cfg).values(), *fig3_results(cfg).values()] if r.target == t}
     out |= {key(r): r for (x, n, m, s), r in table4_results(cfg).items() if x == t and n != cfg.sampling_steps}
     out |= {key(r, "identity-short"): r for (x, tm, s), r in table3_results(cfg).items() if x == t and tm != 1000}
