@@ -186,7 +186,7 @@ def test_paper_notebook_names_missing_results(tmp_path):
             os.environ.clear(); os.environ.update(old)
     msg = e.value.evalue
     assert e.value.ename == "FileNotFoundError"
-    assert "52 of 52 result files are missing" in msg and "none-w0-ddpm50-s1.npz" in msg
+    assert "54 of 54 result files are missing" in msg and "none-w0-ddpm50-s1.npz" in msg
     assert "python -m wat_nb.reproduce --profile mini" in msg and "--only 'paper/table1_2_transfer'" in msg
     assert not (tmp_path / "fig").exists()
 
