@@ -109,7 +109,7 @@ class PlanConfig:
     # Table 1's true-source row (targets that know them; on shapes-near both-space matching finds all 10 sources)
     true_source_targets: tuple = ("shapes-mid", "shapes-far")
     # Table 1's row of WAT with the paper's input-space matching (when the plan's runs match in another space), e.g.
-    # ("shapes-mid",): one more run and sample set per target and seed; none by default (the 2 h budget)
+    # ("shapes-mid",): one more run and sample set per target and seed; on shapes-mid by default
     input_space_targets: tuple = ("shapes-mid",)
     # the regime map (fig_regime): score against fine-tuning length on this target; "": none. Its runs (one per label
     # map and seed) train to the longest length once, keeping EMA snapshots; they are also the runs every table of
